@@ -1,0 +1,166 @@
+"""The ``tureen`` command line: ``serve`` and ``merge`` (more commands arrive with later work).
+
+Errors end the command with exit code 1 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tureen import __version__
+from tureen.errors import SoupError
+
+_log = logging.getLogger("tureen")
+
+CALL_HINT = """\
+The demo soup 'digits' is served on {host}:{port}. Call it with Triton's client:
+
+    import numpy as np, tritonclient.grpc as grpcclient
+    from sklearn.datasets import load_digits
+    client = grpcclient.InferenceServerClient("{host}:{port}")
+    pixels = load_digits().data[:8].astype(np.float32)
+    tensor = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    print(client.infer("digits", [tensor]).as_numpy("logits").argmax(axis=1))
+
+or run `python clients/digits_client.py --url {host}:{port}` from a checkout.
+Metrics: curl http://{host}:{metrics_port}/metrics
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tureen", description="Serve model soups, merged live on the device.")
+    parser.add_argument("--version", action="version", version=f"tureen {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve soups over KServe v2 gRPC with Prometheus metrics")
+    serve.add_argument("--spec", action="append", default=[], metavar="FILE", help="a soup spec (YAML or JSON); repeatable")
+    serve.add_argument("--demo", action="store_true", help="serve the demo soup 'digits' (trained on first run)")
+    serve.add_argument(
+        "--demo-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the demo keeps its ingredients (default: $XDG_CACHE_HOME/tureen/demo or ~/.cache/tureen/demo)",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port; 0 picks a free one (default: 8002)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, CUDA when present)")
+    serve.add_argument(
+        "--max-message-mb", type=int, default=64, metavar="MB", help="largest gRPC message accepted or sent, in MiB (default: 64)"
+    )
+    serve.add_argument("--grpc-workers", type=int, default=8, metavar="N", help="gRPC worker threads (default: 8)")
+
+    merge = commands.add_parser("merge", help="merge a spec offline into a safetensors file, no server")
+    merge.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON)")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the merged .safetensors")
+    merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
+    merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(_serve(args) if args.command == "serve" else _merge(args))
+    except (SoupError, OSError) as exc:
+        print(f"tureen: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tureen.app import App, Settings
+    from tureen.spec import load_spec
+
+    specs = [load_spec(path) for path in args.spec]
+    demo_dir: Path | None = None
+    if args.demo:
+        from tureen.demo import train
+
+        demo_dir = args.demo_dir or train.default_cache_dir()
+        specs.append(load_spec(train.prepare(demo_dir)))
+    if not specs:
+        raise SoupError("nothing to serve: give --spec FILE (repeatable) or --demo")
+    settings = Settings(
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        device=args.device,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        grpc_workers=args.grpc_workers,
+    )
+    app = App(specs, settings)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    app.start()
+    try:
+        blends = app.build_all()
+        if demo_dir is not None:
+            _report_demo(blends, demo_dir)
+            host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+            print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port), file=sys.stderr)
+        _log.info("ready: %d model(s) serving; Ctrl-C or SIGTERM stops", len(blends))
+        stopping.wait()
+        _log.info("stopping")
+    finally:
+        app.stop()
+    return 0
+
+
+def _report_demo(blends: list, demo_dir: Path) -> None:
+    from tureen.demo import train
+
+    pixels, labels = train.load_split(demo_dir, "test")
+    for blend in blends:
+        if blend.model == "digits":
+            score = train.accuracy(blend.module, pixels.to(blend.device), labels)
+            _log.info("demo: held-out test accuracy of the uniform soup (version %d) %.4f", blend.version, score)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from tureen.core.devices import resolve_device
+    from tureen.core.ingredients import IngredientPool
+    from tureen.core.kitchen import Kitchen
+    from tureen.core.observer import NullObserver
+    from tureen.spec import load_spec
+
+    started = time.perf_counter()
+    spec = load_spec(args.spec)
+    kitchen = Kitchen(IngredientPool(resolve_device(args.device), NullObserver()), NullObserver())
+    merged = kitchen.merge(spec)
+    metadata = {"tureen.model": spec.model, "tureen.spec": spec.model_dump_json(by_alias=True)}
+    save_file({name: t.contiguous().cpu() for name, t in merged.items()}, args.output, metadata=metadata)
+    summary = {
+        "output": args.output,
+        "model": spec.model,
+        "method": spec.merge.method,
+        "ingredients": len(spec.ingredients),
+        "tensors": len(merged),
+        "parameters": sum(t.numel() for t in merged.values()),
+        "dtype": spec.dtype,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"merged {summary['ingredients']} ingredients of {spec.model!r} with {spec.merge.method} into "
+            f"{args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+            f"{spec.dtype}, {summary['seconds']} s"
+        )
+    return 0

@@ -1,0 +1,74 @@
+"""Building the ``nn.Module`` a blend lives in, and finding the tensor interface it speaks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from tureen.errors import ArchitectureError
+from tureen.spec import Architecture, Interface, SoupSpec, describe
+
+
+def resolve_factory(arch: Architecture) -> Callable[..., Any]:
+    """Import ``module:callable`` without calling it."""
+    module_name, _, attr_path = arch.factory.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ArchitectureError(f"architecture.factory: cannot import module {module_name!r}: {exc}") from None
+    for attr in attr_path.split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError:
+            raise ArchitectureError(f"architecture.factory: module {module_name!r} has no {attr_path!r}") from None
+    if not callable(target):
+        raise ArchitectureError(f"architecture.factory: {arch.factory!r} is not callable")
+    return target
+
+
+def instantiate(arch: Architecture, device: torch.device | str) -> nn.Module:
+    """Call the factory with its kwargs under ``device``; ``meta`` allocates no memory."""
+    factory = resolve_factory(arch)
+    try:
+        with torch.device(device):
+            module = factory(**arch.kwargs)
+    except Exception as exc:
+        raise ArchitectureError(f"architecture: {arch.factory}(**{arch.kwargs}) failed: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ArchitectureError(f"architecture.factory: {arch.factory!r} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def interface_of(spec: SoupSpec, module: nn.Module) -> Interface:
+    """The spec's ``interface`` when given, else the module's ``tureen_interface`` attribute."""
+    if spec.interface is not None:
+        return spec.interface
+    declared = getattr(module, "tureen_interface", None)
+    if declared is None:
+        raise ArchitectureError(f"interface: the spec gives none and {type(module).__name__} has no tureen_interface attribute")
+    if isinstance(declared, Interface):
+        return declared
+    try:
+        return Interface.model_validate(declared)
+    except ValidationError as exc:
+        raise ArchitectureError(f"{type(module).__name__}.tureen_interface: " + "; ".join(describe(exc))) from None
+
+
+def outputs_by_name(result: object, names: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
+    """Name what ``forward`` returned: a mapping by key, a tuple by position, a tensor as the only output."""
+    if isinstance(result, torch.Tensor):
+        if len(names) != 1:
+            raise ArchitectureError(f"forward returned one tensor but the interface declares outputs {list(names)}")
+        return {names[0]: result}
+    if isinstance(result, Mapping):
+        return result
+    if isinstance(result, (tuple, list)):
+        if len(result) < len(names):
+            raise ArchitectureError(f"forward returned {len(result)} values for outputs {list(names)}")
+        return dict(zip(names, result, strict=False))
+    raise ArchitectureError(f"forward returned {type(result).__name__}; expected a tensor, tuple or mapping")

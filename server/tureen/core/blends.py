@@ -1,0 +1,121 @@
+"""Blends and the repository that says which blend serves each model.
+
+The swap is one reference assignment under a lock. A request holds the ``Blend`` it got from
+``active()`` for its whole life, so it finishes on that blend even if another is swapped in,
+and the old blend's memory goes when its last request drops the reference.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tureen.core.architecture import outputs_by_name
+from tureen.core.observer import Observer
+from tureen.core.signature import Signature
+from tureen.errors import ArchitectureError, BlendNotReady, ModelNotFound
+from tureen.spec import SoupSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Blend:
+    """The single module built from one spec version; serving it costs one forward pass."""
+
+    model: str
+    version: int
+    module: nn.Module
+    signature: Signature
+    device: torch.device
+    dtype: torch.dtype
+    nbytes: int
+    build_seconds: float
+    spec: SoupSpec
+
+    def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move inputs to the blend's device; floating inputs take the blend's dtype."""
+        prepared = {}
+        for name, tensor in inputs.items():
+            if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor = tensor.to(self.dtype)
+            prepared[name] = tensor.to(self.device, non_blocking=True)
+        return prepared
+
+    def forward(self, prepared: Mapping[str, torch.Tensor]) -> Any:
+        with torch.inference_mode():
+            return self.module(**prepared)
+
+    def collect(self, result: Any, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Pick the requested outputs, cast to the interface's datatypes, on the CPU."""
+        produced = outputs_by_name(result, tuple(self.signature.outputs))
+        collected = {}
+        for name in names:
+            slot = self.signature.outputs[name]
+            tensor = produced.get(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise ArchitectureError(f"forward produced no tensor for output {name!r}")
+            collected[name] = tensor.to(device="cpu", dtype=slot.dtype)
+        return collected
+
+
+class BlendRepository:
+    """Which blend serves each model right now."""
+
+    def __init__(self, observer: Observer) -> None:
+        self._observer = observer
+        self._active: dict[str, Blend | None] = {}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def declare(self, model: str) -> None:
+        """Make ``model`` known before it has a blend: requests get UNAVAILABLE, not NOT_FOUND."""
+        with self._lock:
+            self._active.setdefault(model, None)
+        self._notify()
+
+    def swap(self, blend: Blend) -> Blend | None:
+        """Make ``blend`` the one serving its model; return the blend it replaced."""
+        with self._lock:
+            previous = self._active.get(blend.model)
+            self._active[blend.model] = blend
+        self._observer.blend_activated(blend.model, blend.version, blend.nbytes)
+        self._notify()
+        return previous
+
+    def active(self, model: str, version: str = "") -> Blend:
+        """The blend serving ``model``; ``version`` ("" = any) must match when given."""
+        try:
+            blend = self._active[model]
+        except KeyError:
+            raise ModelNotFound(f"model {model!r} is not served here") from None
+        if blend is None:
+            raise BlendNotReady(f"model {model!r} has no ready blend yet")
+        if version and version != str(blend.version):
+            raise ModelNotFound(f"model {model!r} version {version} is not loaded (serving version {blend.version})")
+        return blend
+
+    def models(self) -> dict[str, Blend | None]:
+        """A snapshot: every declared model and its active blend, if any."""
+        with self._lock:
+            return dict(self._active)
+
+    def is_ready(self, model: str, version: str = "") -> bool:
+        blend = self._active.get(model)
+        return blend is not None and (not version or version == str(blend.version))
+
+    def all_ready(self) -> bool:
+        """True when every declared model has a blend (vacuously true with no models)."""
+        return all(blend is not None for blend in self.models().values())
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every declare and swap (health status follows this)."""
+        self._listeners.append(listener)
+        listener()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()

@@ -1,0 +1,92 @@
+"""The data plane: one inference request from decoded tensors to output tensors.
+
+Transports decode their wire format into an ``InferRequest``, call ``Engine.infer`` and encode
+the ``InferResponse``; everything in between (validation, device placement, the one forward
+pass, statistics and metrics) happens here, the same for every transport.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tureen.core.blends import BlendRepository
+from tureen.core.observer import Observer
+from tureen.core.statistics import StatisticsBook, Timings
+from tureen.errors import InferenceFailed, SoupError
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model: str
+    version: str
+    id: str
+    inputs: Mapping[str, torch.Tensor]
+    outputs: tuple[str, ...] | None
+    received_ns: int
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model: str
+    version: int
+    id: str
+    outputs: Mapping[str, torch.Tensor]
+
+
+class Engine:
+    """Runs requests on whichever blend is active when each request starts."""
+
+    def __init__(self, repository: BlendRepository, observer: Observer) -> None:
+        self.repository = repository
+        self.statistics = StatisticsBook()
+        self._observer = observer
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        blend = None
+        try:
+            blend = self.repository.active(request.model, request.version)
+            started = time.perf_counter_ns()
+            names = blend.signature.check_outputs(request.outputs)
+            batch = blend.signature.check_inputs(request.inputs)
+            prepared = blend.prepare(request.inputs)
+            forward_at = time.perf_counter_ns()
+            try:
+                result = blend.forward(prepared)
+                output_at = time.perf_counter_ns()
+                outputs = blend.collect(result, names)
+            except SoupError:
+                raise
+            except Exception as exc:
+                raise InferenceFailed(f"model {blend.model!r} version {blend.version}: forward failed: {exc}") from exc
+        except SoupError as exc:
+            self.reject(request.model, request.received_ns, exc)
+            raise
+        done = time.perf_counter_ns()
+        timings = Timings(
+            queue=started - request.received_ns,
+            compute_input=forward_at - started,
+            compute_infer=output_at - forward_at,
+            compute_output=done - output_at,
+        )
+        total = done - request.received_ns
+        self.statistics.success(blend.model, blend.version, batch, total, timings)
+        self._observer.request_finished(
+            blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
+        )
+        return InferResponse(model=blend.model, version=blend.version, id=request.id, outputs=outputs)
+
+    def reject(self, model: str, received_ns: int, error: SoupError) -> None:
+        """Count a request that failed, including one the transport could not even decode."""
+        total = time.perf_counter_ns() - received_ns
+        known = self.repository.models()
+        blend = known.get(model)
+        version = str(blend.version) if blend is not None else ""
+        if blend is not None:
+            self.statistics.failure(model, blend.version, total)
+        # Unknown model names stay out of labels: clients must not be able to grow our series.
+        label = model if model in known else ""
+        self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)

@@ -1,0 +1,137 @@
+"""The ingredient pool: checkpoints loaded once into device memory and shared by content.
+
+A file is read once: its bytes are hashed (for ``sha256`` checks and for sharing identical
+checkpoints between specs) and decoded from the same buffer. Decoding never executes code:
+safetensors, or ``torch.load(weights_only=True)`` for ``.pt``/``.bin``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from tureen.core.observer import Observer
+from tureen.errors import IngredientCorrupt, IngredientMissing
+from tureen.spec import IngredientRef
+
+_log = logging.getLogger("tureen.ingredients")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True, eq=False)
+class Ingredient:
+    """One loaded checkpoint: its tensors on the pool's device, keyed by tensor name."""
+
+    digest: str
+    path: str
+    tensors: Mapping[str, torch.Tensor]
+    nbytes: int
+
+
+class IngredientPool:
+    """Loads checkpoints onto one device and keeps them, one copy per distinct content."""
+
+    def __init__(self, device: torch.device, observer: Observer) -> None:
+        self.device = device
+        self._observer = observer
+        self._by_digest: dict[str, Ingredient] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ingredient.nbytes for ingredient in self._by_digest.values())
+
+    def load(self, ref: IngredientRef) -> Ingredient:
+        """Return the ingredient ``ref`` names, loading it unless identical content is pooled."""
+        where = f"ingredient {ref.name!r} ({ref.path})"
+        data = _read(ref.path, where)
+        digest = hashlib.sha256(data).hexdigest()
+        if ref.sha256 is not None and ref.sha256 != digest:
+            raise IngredientCorrupt(f"{where}: sha256 is {digest}, the spec expects {ref.sha256}")
+        with self._lock:
+            pooled = self._by_digest.get(digest)
+        if pooled is not None:
+            _log.info("%s: same content as %s, shared", where, pooled.path)
+            return pooled
+        started = time.perf_counter()
+        tensors = _decode(data, ref.path, where)
+        _check_finite(tensors, where)
+        on_device = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+        ingredient = Ingredient(
+            digest=digest,
+            path=ref.path,
+            tensors=on_device,
+            nbytes=sum(t.numel() * t.element_size() for t in on_device.values()),
+        )
+        with self._lock:
+            ingredient = self._by_digest.setdefault(digest, ingredient)
+            total = self.nbytes
+        self._observer.ingredient_memory(str(self.device), total)
+        _log.info(
+            "loaded %s: %d tensors, %.1f MB on %s in %.2f s",
+            where,
+            len(on_device),
+            ingredient.nbytes / 1e6,
+            self.device,
+            time.perf_counter() - started,
+        )
+        return ingredient
+
+
+def _read(path: str, where: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IngredientMissing(f"{where}: file not found") from None
+    except IsADirectoryError:
+        raise IngredientMissing(f"{where}: is a directory, expected a checkpoint file") from None
+    except OSError as exc:
+        raise IngredientMissing(f"{where}: cannot read: {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, path: str, where: str) -> dict[str, torch.Tensor]:
+    if path.endswith(_PICKLE_SUFFIXES):
+        try:
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise IngredientCorrupt(f"{where}: not a weights-only torch checkpoint: {_first_line(exc)}") from None
+        return _as_state_dict(loaded, where)
+    try:
+        return safetensors.torch.load(data)
+    except Exception as exc:
+        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {_first_line(exc)}") from None
+
+
+def _as_state_dict(loaded: object, where: str) -> dict[str, torch.Tensor]:
+    # Training scripts often save {"state_dict": ...} or {"model": ...}; accept one such level.
+    if isinstance(loaded, Mapping) and len(loaded) == 1:
+        (inner,) = loaded.values()
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            loaded = inner
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise IngredientCorrupt(f"{where}: expected a state dict of tensors, found {type(loaded).__name__}")
+    for name, value in loaded.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise IngredientCorrupt(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    return {name: value for name, value in loaded.items()}
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise IngredientCorrupt(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

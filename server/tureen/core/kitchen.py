@@ -1,0 +1,103 @@
+"""The kitchen turns a spec into a blend: load ingredients, check them, merge, warm up.
+
+Everything happens off the request path into fresh buffers; nothing that serves is touched
+until the repository swaps the finished blend in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from tureen.core.architecture import instantiate, interface_of
+from tureen.core.blends import Blend
+from tureen.core.datatypes import BLEND_DTYPES
+from tureen.core.ingredients import Ingredient, IngredientPool
+from tureen.core.observer import Observer
+from tureen.core.recipe import check_compatible, mix
+from tureen.core.signature import Signature
+from tureen.errors import ArchitectureError, SoupError, SpecInvalid
+from tureen.spec import Architecture, SoupSpec
+
+_log = logging.getLogger("tureen.kitchen")
+
+
+class Kitchen:
+    """Builds blends from specs with ingredients from one pool (and so on one device)."""
+
+    def __init__(self, pool: IngredientPool, observer: Observer) -> None:
+        self.pool = pool
+        self._observer = observer
+
+    def load(self, spec: SoupSpec) -> dict[str, Ingredient]:
+        """Load (or find pooled) every ingredient of ``spec``, by ingredient name."""
+        loaded = {}
+        for i, ref in enumerate(spec.ingredients, start=1):
+            _log.info("model %s: ingredient %d/%d %r", spec.model, i, len(spec.ingredients), ref.name)
+            loaded[ref.name] = self.pool.load(ref)
+        return loaded
+
+    def merge(self, spec: SoupSpec) -> dict[str, torch.Tensor]:
+        """The merged state dict alone, checked across ingredients only (no architecture needed)."""
+        ingredients = self.load(spec)
+        check_compatible(spec, ingredients)
+        return mix(spec, ingredients)
+
+    def build(self, spec: SoupSpec, version: int) -> Blend:
+        """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong."""
+        started = time.perf_counter()
+        if spec.architecture is None:
+            raise SpecInvalid(["architecture: required to serve a model (only `tureen merge` works without one)"])
+        skeleton = instantiate(spec.architecture, "meta")
+        signature = Signature(interface_of(spec, skeleton))
+        ingredients = self.load(spec)
+        check_compatible(spec, ingredients, skeleton.state_dict())
+        merged = mix(spec, ingredients)
+        module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
+        blend = Blend(
+            model=spec.model,
+            version=version,
+            module=module,
+            signature=signature,
+            device=self.pool.device,
+            dtype=BLEND_DTYPES[spec.dtype],
+            nbytes=sum(t.numel() * t.element_size() for t in merged.values()),
+            build_seconds=time.perf_counter() - started,
+            spec=spec,
+        )
+        _warm_up(blend)
+        self._observer.blend_built(spec.model, version, blend.build_seconds)
+        _log.info("model %s: version %d built in %.2f s", spec.model, version, blend.build_seconds)
+        return blend
+
+
+def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    # The skeleton was built on the meta device so that big models cost no init time or memory;
+    # merged tensors are assigned into it. Buffers outside the state dict have no merged value,
+    # so such modules are built for real on the device instead.
+    persistent = set(skeleton.state_dict())
+    module = skeleton
+    if any(name not in persistent for name, _ in skeleton.named_buffers()):
+        module = instantiate(arch, device)
+    module.load_state_dict(merged, strict=True, assign=True)
+    leftovers = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise ArchitectureError(f"architecture: tensor {leftovers[0]!r} was not filled by the merge")
+    return module.requires_grad_(False).eval()
+
+
+def _warm_up(blend: Blend) -> None:
+    """One forward on a zero batch: the blend must work before any request reaches it."""
+    zeros = {
+        slot.name: torch.zeros([1 if dim == -1 else dim for dim in slot.shape], dtype=slot.dtype)
+        for slot in blend.signature.inputs.values()
+    }
+    try:
+        blend.collect(blend.forward(blend.prepare(zeros)), tuple(blend.signature.outputs))
+    except SoupError:
+        raise
+    except Exception as exc:
+        raise ArchitectureError(f"interface: a forward pass on a zero batch shaped by the interface failed: {exc}") from None

@@ -1,0 +1,1 @@
+"""The embedded demo: a soup of real fine-tunes on scikit-learn's bundled handwritten digits."""

@@ -1,0 +1,171 @@
+"""Train the demo's ingredients once, the way the model soups paper makes its fine-tunes.
+
+A base model is trained briefly on part of scikit-learn's bundled digits (our stand-in for
+pre-training); several fine-tunes then continue from it with different learning rates, seeds
+and augmentations. The ingredients, held-out splits and a soup spec are written to a cache
+directory and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tureen.demo.models import DigitsMLP
+
+_log = logging.getLogger("tureen.demo")
+
+RECIPE = 1  # bump when the training below changes, so stale caches are rebuilt
+HIDDEN = 128
+SPEC_FILE = "digits.yaml"
+
+
+@dataclass(frozen=True)
+class FineTune:
+    name: str
+    lr: float
+    seed: int
+    augment: str  # "none", "noise", "shift" or "noise+shift"
+    weight_decay: float = 1e-4
+    epochs: int = 30
+
+
+FINE_TUNES = (
+    FineTune("ft-lr1e-3-s1", 1e-3, 1, "none"),
+    FineTune("ft-lr3e-3-s2", 3e-3, 2, "noise"),
+    FineTune("ft-lr5e-4-s3", 5e-4, 3, "shift"),
+    FineTune("ft-lr2e-3-s4", 2e-3, 4, "noise+shift"),
+    FineTune("ft-lr1e-3-s5", 1e-3, 5, "shift", weight_decay=1e-2),
+)
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "tureen" / "demo"
+
+
+def prepare(cache_dir: Path) -> Path:
+    """Return the demo spec in ``cache_dir``, training its ingredients first if needed."""
+    manifest_path = cache_dir / "demo.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        files = [cache_dir / SPEC_FILE, *(cache_dir / f"{n}.safetensors" for n in manifest.get("accuracy", {}))]
+        if manifest.get("recipe") == RECIPE and all(f.exists() for f in files):
+            _log.info("demo: reusing the ingredients in %s", cache_dir)
+            _report(manifest["accuracy"])
+            return cache_dir / SPEC_FILE
+    return _train_all(cache_dir)
+
+
+def splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed train / val / test splits (60/20/20) of the 1797 bundled digit images."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.data, dtype=torch.float32)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_train, n_val = int(0.6 * len(order)), int(0.2 * len(order))
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return {name: (pixels[idx], labels[idx]) for name, idx in parts.items()}
+
+
+def accuracy(module: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.inference_mode():
+        predicted = module(pixels)["logits"].argmax(dim=-1)
+    return float((predicted.cpu() == labels.cpu()).float().mean())
+
+
+def load_split(cache_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = load_file(str(cache_dir / f"{split}.safetensors"))
+    return tensors["pixels"], tensors["labels"]
+
+
+def _train_all(cache_dir: Path) -> Path:
+    started = time.perf_counter()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data = splits()
+    for split in ("val", "test"):
+        save_file({"pixels": data[split][0], "labels": data[split][1]}, str(cache_dir / f"{split}.safetensors"))
+    train_x, train_y = data["train"]
+    test_x, test_y = data["test"]
+    _log.info("demo: first run, training a base model and %d fine-tunes on %d images", len(FINE_TUNES), len(train_y))
+    torch.manual_seed(0)
+    base = DigitsMLP(hidden=HIDDEN)
+    # The "pre-training": brief, on half the training images, so fine-tuning has work to do.
+    half = len(train_y) // 2
+    _fit(base, train_x[:half], train_y[:half], FineTune("base", 1e-3, 0, "none", epochs=3))
+    save_file(base.state_dict(), str(cache_dir / "base.safetensors"))
+    scores = {"base": accuracy(base, test_x, test_y)}
+    ingredients = []
+    for i, recipe in enumerate(FINE_TUNES, start=1):
+        model = DigitsMLP(hidden=HIDDEN)
+        model.load_state_dict(base.state_dict())
+        _fit(model, train_x, train_y, recipe)
+        path = cache_dir / f"{recipe.name}.safetensors"
+        save_file(model.state_dict(), str(path))
+        scores[recipe.name] = accuracy(model, test_x, test_y)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        ingredients.append({"name": recipe.name, "path": path.name, "sha256": digest})
+        _log.info("demo: fine-tune %d/%d %s done (test accuracy %.4f)", i, len(FINE_TUNES), recipe.name, scores[recipe.name])
+    spec = {
+        "apiVersion": "tureen/v1",
+        "model": "digits",
+        "architecture": {"factory": "tureen.demo.models:mlp", "kwargs": {"hidden": HIDDEN}},
+        "ingredients": ingredients,
+        "merge": {"method": "linear"},
+        "dtype": "float32",
+    }
+    (cache_dir / SPEC_FILE).write_text(
+        "# A uniform soup of the demo's fine-tunes, written by `tureen serve --demo`.\n" + yaml.safe_dump(spec, sort_keys=False)
+    )
+    manifest = {"recipe": RECIPE, "accuracy": scores, "fine_tunes": [asdict(f) for f in FINE_TUNES]}
+    (cache_dir / "demo.json").write_text(json.dumps(manifest, indent=2))
+    _log.info("demo: trained in %.1f s, written to %s", time.perf_counter() - started, cache_dir)
+    _report(scores)
+    return cache_dir / SPEC_FILE
+
+
+def _report(scores: dict[str, float]) -> None:
+    for name, score in scores.items():
+        _log.info("demo: held-out test accuracy of %-14s %.4f", name, score)
+    best = max((name for name in scores if name != "base"), key=scores.__getitem__)
+    _log.info("demo: best single fine-tune is %s (%.4f)", best, scores[best])
+
+
+def _fit(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, recipe: FineTune) -> None:
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    model.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            batch = _augment(pixels[idx], recipe.augment, generator)
+            loss = nn.functional.cross_entropy(model(batch)["logits"], labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def _augment(pixels: torch.Tensor, augment: str, generator: torch.Generator) -> torch.Tensor:
+    if "shift" in augment and bool(torch.rand((), generator=generator) < 0.5):
+        images = pixels.reshape(-1, 8, 8)
+        dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=generator))
+        images = torch.roll(images, shifts=(dy, dx), dims=(1, 2))
+        pixels = images.reshape(-1, 64)
+    if "noise" in augment:
+        pixels = (pixels + torch.randn(pixels.shape, generator=generator)).clamp(0, 16)
+    return pixels

@@ -1,0 +1,89 @@
+"""The one exception tree of Tureen.
+
+Every failure a caller can cause or observe is a ``SoupError``. Each subclass carries a
+``reason``: a short machine-readable word used as the ``reason`` label of failure metrics
+and mapped to a gRPC status code in exactly one place (``tureen.transport.status``).
+The core raises these and never imports grpc.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SoupError(Exception):
+    """Base of every error Tureen raises on purpose; the message is meant for humans."""
+
+    reason: ClassVar[str] = "internal"
+
+
+class SpecInvalid(SoupError):
+    """A soup spec failed validation; the message names each field and why."""
+
+    reason = "invalid_spec"
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        prefix = f"spec {source}: " if source else ""
+        super().__init__(prefix + "; ".join(problems))
+
+
+class IngredientError(SoupError):
+    """An ingredient checkpoint could not be used."""
+
+    reason = "invalid_ingredient"
+
+
+class IngredientMissing(IngredientError):
+    """The checkpoint file does not exist or cannot be read."""
+
+    reason = "ingredient_missing"
+
+
+class IngredientCorrupt(IngredientError):
+    """The file is not a readable state dict, fails its checksum, or holds NaN/Inf."""
+
+    reason = "ingredient_corrupt"
+
+
+class IngredientMismatch(IngredientError):
+    """Keys, shapes or dtypes disagree across ingredients or with the architecture."""
+
+    reason = "ingredient_mismatch"
+
+
+class ArchitectureError(SoupError):
+    """The architecture factory cannot be imported, called, or described."""
+
+    reason = "invalid_architecture"
+
+
+class MergeError(SoupError):
+    """A merge method was given inputs it cannot combine."""
+
+    reason = "merge_failed"
+
+
+class ModelNotFound(SoupError):
+    """No model of that name (or no such version of it) is served here."""
+
+    reason = "not_found"
+
+
+class BlendNotReady(SoupError):
+    """The model is configured but its blend is not built yet."""
+
+    reason = "unavailable"
+
+
+class InvalidRequest(SoupError):
+    """An inference request does not fit the model's tensor interface."""
+
+    reason = "invalid_argument"
+
+
+class InferenceFailed(SoupError):
+    """The blend's forward pass raised; the blend keeps serving other requests."""
+
+    reason = "internal"

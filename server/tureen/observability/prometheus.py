@@ -1,0 +1,118 @@
+"""Prometheus metrics for Tureen, named by Prometheus' rules with the ``tureen_`` prefix.
+
+Request metrics carry ``model`` and ``version`` labels, so the latency of every blend version
+can be compared side by side while a new one rolls out.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+# The *_created series double every counter and histogram for a value nobody charts.
+prometheus_client.disable_created_metrics()
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BUILD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class PrometheusObserver:
+    """Implements the core's ``Observer`` protocol with a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=self.registry)
+        labels = ("model", "version")
+        self.success = Counter("tureen_request_success", "Inference requests that succeeded.", labels, registry=self.registry)
+        self.failure = Counter(
+            "tureen_request_failure",
+            "Inference requests that failed, by reason.",
+            (*labels, "reason"),
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "tureen_request_duration_seconds",
+            "Time from receiving an inference request to its response, in seconds.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "tureen_queue_duration_seconds",
+            "Time an inference request waited before its compute started, in seconds.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_duration = Histogram(
+            "tureen_compute_duration_seconds",
+            "Time an inference request spent in input transfer, forward pass and output, in seconds.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.build_duration = Histogram(
+            "tureen_build_duration_seconds",
+            "Time to build a blend: load ingredients, check, merge and warm up, in seconds.",
+            labels,
+            buckets=BUILD_BUCKETS,
+            registry=self.registry,
+        )
+        self.active_version = Gauge(
+            "tureen_active_version", "The blend version serving each model.", ("model",), registry=self.registry
+        )
+        self.blend_memory = Gauge(
+            "tureen_blend_memory_bytes",
+            "Bytes of weights held by each active blend.",
+            ("model",),
+            registry=self.registry,
+        )
+        self.ingredient_memory_bytes = Gauge(
+            "tureen_ingredient_memory_bytes",
+            "Bytes of ingredient tensors loaded, per device.",
+            ("device",),
+            registry=self.registry,
+        )
+
+    def request_finished(
+        self, model: str, version: str, reason: str | None, total_s: float, queue_s: float, compute_s: float
+    ) -> None:
+        if reason is not None:
+            self.failure.labels(model, version, reason).inc()
+            return
+        self.success.labels(model, version).inc()
+        self.request_duration.labels(model, version).observe(total_s)
+        self.queue_duration.labels(model, version).observe(queue_s)
+        self.compute_duration.labels(model, version).observe(compute_s)
+
+    def blend_built(self, model: str, version: int, seconds: float) -> None:
+        self.build_duration.labels(model, str(version)).observe(seconds)
+
+    def blend_activated(self, model: str, version: int, nbytes: int) -> None:
+        self.active_version.labels(model).set(version)
+        self.blend_memory.labels(model).set(nbytes)
+
+    def ingredient_memory(self, device: str, nbytes: int) -> None:
+        self.ingredient_memory_bytes.labels(device).set(nbytes)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve ``/metrics`` on ``host:port`` in a daemon thread; port 0 picks a free one."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port
+
+
+def stop_metrics(server: WSGIServer) -> None:
+    """Stop the endpoint and release its port."""
+    server.shutdown()
+    server.server_close()

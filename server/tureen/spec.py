@@ -1,0 +1,252 @@
+"""The soup spec, v1: what an operator pushes, validated once and immutable afterwards.
+
+Every model here is frozen and forbids unknown fields, so a typo is an error rather than a
+silently ignored setting. Validation problems come back as ``SpecInvalid`` whose message names
+each field as a dotted path, e.g. ``merge.weights.ft-c: no ingredient named 'ft-c'``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tureen.errors import SpecInvalid
+from tureen.merge import lookup
+
+API_VERSION = "tureen/v1"
+DATATYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64")
+Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class FieldProblems(ValueError):
+    """Problems found by a cross-field check, each as (field relative to the model, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in problems))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class TensorSpec(_Frozen):
+    """One named tensor of the model's interface; ``-1`` marks a variable dimension."""
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: tuple[int, ...] = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(dim == 0 or dim < -1 for dim in shape):
+            raise ValueError(f"dimensions must be positive or -1, got {list(shape)}")
+        return shape
+
+
+class Interface(_Frozen):
+    """Inputs and outputs the served model speaks; feeds ModelMetadata and ModelConfig.
+
+    With ``max_batch_size > 0`` the first dimension of every tensor is the batch (``-1``).
+    """
+
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    max_batch_size: int = Field(default=1024, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Interface:
+        problems: list[tuple[str, str]] = []
+        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            seen: set[str] = set()
+            for i, tensor in enumerate(tensors):
+                if tensor.name in seen:
+                    problems.append((f"{kind}[{i}].name", f"duplicate tensor name {tensor.name!r}"))
+                seen.add(tensor.name)
+                if self.max_batch_size > 0 and tensor.shape[0] != -1:
+                    problems.append((f"{kind}[{i}].shape", "the first dimension must be -1 (the batch) when max_batch_size > 0"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
+class Architecture(_Frozen):
+    """How to build the ``nn.Module`` the merged weights go into."""
+
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngredientRef(_Frozen):
+    """One checkpoint: a name the spec refers to, a file, and optionally its checksum."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str = Field(min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class MergeSpec(_Frozen):
+    """Which merge method, with which weights and parameters."""
+
+    method: str = "linear"
+    base: str | None = None
+    weights: dict[str, float] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_and_parameters(self) -> MergeSpec:
+        try:
+            method = lookup(self.method)
+        except ValueError as exc:
+            raise FieldProblems([("method", str(exc))]) from None
+        try:
+            method.params.model_validate(self.parameters)
+        except ValidationError as exc:
+            raise FieldProblems([(_join("parameters", _dotted(err["loc"])), _message(err)) for err in exc.errors()]) from None
+        return self
+
+    def method_parameters(self) -> Any:
+        """The parameters validated into the method's own parameter model."""
+        return lookup(self.method).params.model_validate(self.parameters)
+
+
+class SoupSpec(_Frozen):
+    """A soup spec as pushed by an operator (apiVersion ``tureen/v1``)."""
+
+    api_version: Literal["tureen/v1"] = Field(alias="apiVersion")
+    model: str = Field(pattern=NAME_PATTERN)
+    architecture: Architecture | None = None
+    interface: Interface | None = None
+    ingredients: tuple[IngredientRef, ...] = Field(min_length=1)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    dtype: Dtype = "float32"
+
+    @model_validator(mode="after")
+    def _references(self) -> SoupSpec:
+        problems: list[tuple[str, str]] = []
+        names: list[str] = []
+        for i, ingredient in enumerate(self.ingredients):
+            if ingredient.name in names:
+                problems.append((f"ingredients[{i}].name", f"duplicate ingredient name {ingredient.name!r}"))
+            names.append(ingredient.name)
+        problems += _merge_references(self.merge, names)
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    def ingredient_weights(self) -> dict[str, float]:
+        """The weight of every non-base ingredient: the spec's, or uniform when it gives none."""
+        mixed = [i.name for i in self.ingredients if i.name != self.merge.base]
+        if self.merge.weights is None:
+            return {name: 1.0 / len(mixed) for name in mixed}
+        return {name: self.merge.weights[name] for name in mixed}
+
+
+def _merge_references(merge: MergeSpec, names: list[str]) -> list[tuple[str, str]]:
+    method = lookup(merge.method)
+    problems: list[tuple[str, str]] = []
+    if merge.base is not None and merge.base not in names:
+        problems.append(("merge.base", f"no ingredient named {merge.base!r}"))
+    if merge.base is not None and method.base == "forbidden":
+        problems.append(("merge.base", f"method {method.name!r} does not use a base; list it as an ingredient"))
+    if merge.base is None and method.base == "required":
+        problems.append(("merge.base", f"method {method.name!r} needs a base ingredient"))
+    mixed = [name for name in names if name != merge.base]
+    if len(mixed) < method.min_ingredients:
+        problems.append(("ingredients", f"method {method.name!r} needs at least {method.min_ingredients} ingredients"))
+    if merge.weights is not None:
+        for name, weight in merge.weights.items():
+            if name not in names:
+                problems.append((f"merge.weights.{name}", f"no ingredient named {name!r}"))
+            elif name == merge.base:
+                problems.append((f"merge.weights.{name}", "the base ingredient takes no weight"))
+            elif not math.isfinite(weight):
+                problems.append((f"merge.weights.{name}", f"weight must be finite, got {weight}"))
+        for name in mixed:
+            if name not in merge.weights:
+                problems.append(("merge.weights", f"no weight for ingredient {name!r} (give all or none)"))
+    return problems
+
+
+def parse_spec(data: object, *, source: str | None = None, base_dir: Path | None = None) -> SoupSpec:
+    """Validate a decoded spec document; relative ingredient paths resolve against ``base_dir``."""
+    if not isinstance(data, Mapping):
+        raise SpecInvalid([f"(spec): expected a mapping at the top level, got {type(data).__name__}"], source)
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
+    try:
+        return SoupSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecInvalid(describe(exc), source) from None
+
+
+def load_spec(path: str | os.PathLike[str]) -> SoupSpec:
+    """Read a spec from a YAML or JSON file; ingredient paths are relative to the file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecInvalid([f"cannot read the file: {exc.strerror or exc}"], str(file)) from None
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise SpecInvalid([f"not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {detail}"], str(file)) from None
+    return parse_spec(data, source=str(file), base_dir=file.resolve().parent)
+
+
+def describe(exc: ValidationError) -> list[str]:
+    """One ``field.path: reason`` line per problem in a pydantic validation error."""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = _dotted(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblems):
+            lines += [f"{_join(loc, field)}: {reason}" for field, reason in cause.problems]
+        else:
+            lines.append(f"{loc or '(spec)'}: {_message(err)}")
+    return lines
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "missing":
+        return "required field is missing"
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _join(prefix: str, field: str) -> str:
+    if not prefix:
+        return field
+    return f"{prefix}{field}" if field.startswith("[") else f"{prefix}.{field}"
+
+
+def _resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    resolved = dict(data)
+    ingredients = resolved.get("ingredients")
+    if isinstance(ingredients, list):
+        resolved["ingredients"] = [
+            {**item, "path": str(base_dir / item["path"])}
+            if isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
+            else item
+            for item in ingredients
+        ]
+    return resolved

@@ -1,0 +1,34 @@
+"""The standard gRPC health service, driven by blend readiness."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tureen.core.blends import BlendRepository
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+def add_health(server: grpc.Server, repository: BlendRepository) -> health.HealthServicer:
+    """Register health; "" and the inference service are SERVING once every model is ready.
+
+    Each model name is also a health service of its own, SERVING when that model is ready.
+    """
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+
+    def refresh() -> None:
+        models = repository.models()
+        overall = all(blend is not None for blend in models.values())
+        for service in ("", INFERENCE_SERVICE):
+            servicer.set(service, _status(overall))
+        for model, blend in models.items():
+            servicer.set(model, _status(blend is not None))
+
+    repository.subscribe(refresh)
+    return servicer
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,0 +1,59 @@
+"""The KServe v2 / Open Inference Protocol servicer: decode, delegate, encode.
+
+RPCs not overridden here (streaming, repository, shared memory, trace, logging) answer
+UNIMPLEMENTED through the generated base class.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from tureen import __version__
+from tureen.core.blends import BlendRepository
+from tureen.core.engine import Engine
+from tureen.errors import ModelNotFound, SoupError
+from tureen.transport import codec
+
+EXTENSIONS = ("model_configuration", "statistics")
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, repository: BlendRepository) -> None:
+        self._engine = engine
+        self._repository = repository
+
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._repository.all_ready())
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="tureen", version=__version__, extensions=EXTENSIONS)
+
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
+
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+        return codec.encode_metadata(self._repository.active(request.name, request.version))
+
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+        return codec.encode_config(self._repository.active(request.name, request.version))
+
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        received = time.perf_counter_ns()
+        try:
+            decoded = codec.decode_infer_request(request, received)
+        except SoupError as exc:
+            self._engine.reject(request.model_name, received, exc)
+            raise
+        return codec.encode_infer_response(self._engine.infer(decoded))
+
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> pb.ModelStatisticsResponse:
+        if request.name and request.name not in self._repository.models():
+            raise ModelNotFound(f"model {request.name!r} is not served here")
+        return codec.encode_statistics(self._engine.statistics.snapshot(request.name, request.version))
