@@ -36,16 +36,16 @@ def check_compatible(
     for ref in spec.ingredients:
         tensors = ingredients[ref.name].tensors
         where = f"ingredient {ref.name!r} ({ref.path})"
-        missing = [key for key in expected if key not in tensors]
+        missing = sorted(key for key in expected if key not in tensors)
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise IngredientMismatch(f"{where}: missing tensor {missing[0]!r}{more} that {against} has")
-        extra = [key for key in tensors if key not in expected]
+        extra = sorted(key for key in tensors if key not in expected)
         if extra:
             more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
             raise IngredientMismatch(f"{where}: unexpected tensor {extra[0]!r}{more}, not in {against}")
-        for key, tensor in tensors.items():
-            want = expected[key]
+        for key in sorted(tensors):
+            tensor, want = tensors[key], expected[key]
             if tensor.shape != want.shape:
                 raise IngredientMismatch(
                     f"{where}: tensor {key!r} has shape {list(tensor.shape)}, {against} has {list(want.shape)}"

@@ -27,7 +27,11 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normali
         scale = 1.0 / total
     first = tensors[0]
     out = torch.empty(first.shape, dtype=torch.float32, device=first.device)
-    torch.mul(first, weights[0] * scale, out=out)
+    # torch.mul(..., out=) computes in the input's dtype: 16-bit inputs are widened first.
+    if first.dtype == torch.float32:
+        torch.mul(first, weights[0] * scale, out=out)
+    else:
+        out.copy_(first).mul_(weights[0] * scale)
     for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         out.add_(tensor, alpha=weight * scale)
     return out

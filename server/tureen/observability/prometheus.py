@@ -6,6 +6,7 @@ can be compared side by side while a new one rolls out.
 
 from __future__ import annotations
 
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -84,16 +85,28 @@ class PrometheusObserver:
             registry=self.registry,
         )
 
+        # Label lookups take a lock and build tuples; on the request path we reuse the children.
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+
     def request_finished(
         self, model: str, version: str, reason: str | None, total_s: float, queue_s: float, compute_s: float
     ) -> None:
         if reason is not None:
             self.failure.labels(model, version, reason).inc()
             return
-        self.success.labels(model, version).inc()
-        self.request_duration.labels(model, version).observe(total_s)
-        self.queue_duration.labels(model, version).observe(queue_s)
-        self.compute_duration.labels(model, version).observe(compute_s)
+        children = self._children.get((model, version))
+        if children is None:
+            children = self._children[(model, version)] = (
+                self.success.labels(model, version),
+                self.request_duration.labels(model, version),
+                self.queue_duration.labels(model, version),
+                self.compute_duration.labels(model, version),
+            )
+        success, request, queue, compute = children
+        success.inc()
+        request.observe(total_s)
+        queue.observe(queue_s)
+        compute.observe(compute_s)
 
     def blend_built(self, model: str, version: int, seconds: float) -> None:
         self.build_duration.labels(model, str(version)).observe(seconds)

@@ -42,40 +42,49 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        method = handler_call_details.method
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard(handler.unary_unary))
+            return handler._replace(unary_unary=_guard(handler.unary_unary, method))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_guard(handler.stream_unary, method))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream))
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
         return handler
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if isinstance(exc, errors.SoupError):
         context.abort(status_of(exc), str(exc))
+    if isinstance(exc, NotImplementedError):  # the generated base class for RPCs we do not serve
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this Tureen server")
     _log.exception("unexpected error in a request")
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return behavior(request, context)
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc)
+            _abort(context, exc, method)
 
     return guarded
 
 
-def _guard_stream(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+def _guard_stream(
+    behavior: Callable[[Any, grpc.ServicerContext], Any], method: str
+) -> Callable[[Any, grpc.ServicerContext], Any]:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from behavior(request, context)
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc)
+            _abort(context, exc, method)
 
     return guarded
 

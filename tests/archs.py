@@ -1,0 +1,41 @@
+"""Test-only architectures, importable as ``archs:NAME`` because tests/ is on sys.path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Mixed(nn.Module):
+    """Three inputs of three datatypes (FP32, INT64, BOOL) and outputs of two (FP32, INT32)."""
+
+    tureen_interface = {
+        "inputs": [
+            {"name": "features", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "index", "datatype": "INT64", "shape": [-1]},
+            {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]},
+        ],
+        "outputs": [
+            {"name": "score", "datatype": "FP32", "shape": [-1, 2]},
+            {"name": "active", "datatype": "INT32", "shape": [-1]},
+        ],
+        "max_batch_size": 16,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 2)
+        self.table = nn.Embedding(5, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, features: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        score = self.proj(features * mask) + self.table(index)
+        return {"score": score, "active": mask.sum(dim=-1)}
+
+
+def mixed() -> Mixed:
+    return Mixed()
+
+
+def broken() -> nn.Module:
+    raise RuntimeError("this factory always fails")

@@ -1,0 +1,141 @@
+"""Helpers for the tests: tiny checkpoints, specs, a server in-process, a server as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from tureen.app import App, Settings
+from tureen.demo.models import DigitsMLP
+from tureen.spec import SoupSpec, load_spec
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def random_state(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict shaped like ``module``'s, filled with seeded random floats (ints copied)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.dtype) if t.is_floating_point() else t.clone()
+        for name, t in module.state_dict().items()
+    }
+
+
+def write_ingredients(folder: Path, count: int, hidden: int = 8, prefix: str = "ft") -> dict[str, dict[str, torch.Tensor]]:
+    """Write ``count`` random DigitsMLP checkpoints as ``{prefix}-{i}.safetensors``; return their tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    skeleton = DigitsMLP(hidden=hidden)
+    states = {}
+    for i in range(count):
+        state = random_state(skeleton, seed=100 + i)
+        save_file(state, str(folder / f"{prefix}-{i}.safetensors"))
+        states[f"{prefix}-{i}"] = state
+    return states
+
+
+def digits_spec(names: list[str], hidden: int = 8, model: str = "digits", **extra: Any) -> dict[str, Any]:
+    """A spec document for DigitsMLP ingredients named ``names`` (files ``NAME.safetensors``)."""
+    spec: dict[str, Any] = {
+        "apiVersion": "tureen/v1",
+        "model": model,
+        "architecture": {"factory": "tureen.demo.models:mlp", "kwargs": {"hidden": hidden}},
+        "ingredients": [{"name": n, "path": f"{n}.safetensors"} for n in names],
+        "merge": {"method": "linear"},
+    }
+    spec.update(extra)
+    return spec
+
+
+def write_spec(folder: Path, document: Mapping[str, Any], name: str = "spec.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(dict(document), sort_keys=False))
+    return path
+
+
+def hand_average(states: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """The normalized weighted average, computed in float64 by hand."""
+    total = sum(weights.values())
+    keys = next(iter(states.values())).keys()
+    return {k: sum(states[n][k].double() * (w / total) for n, w in weights.items()) for k in keys}
+
+
+@contextmanager
+def running_app(specs: list[SoupSpec], build: bool = True, **settings: Any) -> Iterator[App]:
+    """A real server in this process on free ports of 127.0.0.1; stopped and unbound on exit."""
+    app = App(specs, Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", **settings))
+    app.start()
+    try:
+        if build:
+            app.build_all()
+        yield app
+    finally:
+        app.stop(grace=0.5)
+
+
+def spec_at(path: Path) -> SoupSpec:
+    return load_spec(path)
+
+
+@contextmanager
+def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subprocess.Popen[str], int, int, list[str]]]:
+    """Run ``tureen serve ARGS`` on free ports until it logs "ready"; stop it (SIGTERM, then kill) on exit.
+
+    A thread keeps draining the server's stderr into the returned list of lines, so the server
+    never blocks on a full pipe and the test can read what it logged.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "tureen", "serve", *args, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    arrived: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            arrived.put(line)
+        arrived.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        grpc_port = metrics_port = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("server not ready in time:\n" + "".join(lines)) from None
+            if line is None:
+                raise AssertionError("server exited before it was ready:\n" + "".join(lines))
+            if found := re.search(r"gRPC .* on [\d.]+:(\d+)", line):
+                grpc_port = int(found.group(1))
+            if found := re.search(r"metrics on http://[\d.]+:(\d+)", line):
+                metrics_port = int(found.group(1))
+            if "ready:" in line:
+                break
+        yield process, grpc_port, metrics_port, lines
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=5)

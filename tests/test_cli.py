@@ -1,0 +1,118 @@
+"""The `tureen` command as users run it: serve, merge, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from safetensors.torch import load_file, save_file
+
+from helpers import digits_spec, hand_average, serve_process, write_ingredients, write_spec
+
+
+def tureen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tureen", *args], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tureen: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_merge_exports_the_hand_computed_average(tmp_path: Path) -> None:
+    states = write_ingredients(tmp_path, 3)
+    weights = {"ft-0": 1.0, "ft-1": 2.0, "ft-2": 5.0}
+    document = digits_spec(list(states), merge={"weights": weights})
+    del document["architecture"]  # the offline export does not need one
+    spec = write_spec(tmp_path, document)
+    result = tureen("merge", str(spec), "-o", str(tmp_path / "out.safetensors"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ingredients"] == 3 and summary["method"] == "linear"
+    merged = load_file(str(tmp_path / "out.safetensors"))
+    expected = hand_average(states, weights)
+    assert set(merged) == set(expected)
+    for key, tensor in merged.items():
+        assert tensor.dtype == torch.float32
+        assert (tensor.double() - expected[key]).abs().max() < 1e-6
+
+
+def test_merge_casts_to_the_spec_dtype(tmp_path: Path) -> None:
+    states = write_ingredients(tmp_path, 2)
+    spec = write_spec(tmp_path, digits_spec(list(states), dtype="bfloat16"))
+    assert tureen("merge", str(spec), "-o", str(tmp_path / "bf16.safetensors")).returncode == 0
+    merged = load_file(str(tmp_path / "bf16.safetensors"))
+    expected = hand_average(states, {"ft-0": 1, "ft-1": 1})
+    for key, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, expected[key].float().to(torch.bfloat16))
+
+
+def test_bad_specs_and_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
+    write_ingredients(tmp_path, 2)
+    bad_weights = write_spec(tmp_path, digits_spec(["ft-0", "ft-1"], merge={"weights": {"ft-0": 1, "ft-c": 1}}), "w.yaml")
+    assert_one_line_error(tureen("serve", "--spec", str(bad_weights)), "w.yaml", "merge.weights.ft-c: no ingredient named 'ft-c'")
+    missing = write_spec(tmp_path, digits_spec(["ft-0", "gone"]), "m.yaml")
+    assert_one_line_error(
+        tureen("serve", "--spec", str(missing), "--grpc-port", "0", "--metrics-port", "0"),
+        "ingredient 'gone'",
+        "gone.safetensors",
+        "file not found",
+    )
+    save_file({"net.0.weight": torch.full((8, 64), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    nan = write_spec(tmp_path, digits_spec(["ft-0", "nan"]), "n.yaml")
+    assert_one_line_error(
+        tureen("merge", str(nan), "-o", str(tmp_path / "x.safetensors")), "nan.safetensors", "'net.0.weight'", "NaN"
+    )
+    write_ingredients(tmp_path / "wide", 1, hidden=9)
+    shape = write_spec(
+        tmp_path, {**digits_spec(["ft-0"]), "ingredients": [{"name": "w", "path": "wide/ft-0.safetensors"}]}, "s.yaml"
+    )
+    assert_one_line_error(
+        tureen("serve", "--spec", str(shape), "--grpc-port", "0", "--metrics-port", "0"),
+        "ingredient 'w'",
+        "has shape",
+        "the architecture has",
+    )
+    assert_one_line_error(tureen("serve"), "nothing to serve")
+
+
+def test_serve_a_spec_then_stop_on_sigterm(tmp_path: Path) -> None:
+    write_ingredients(tmp_path, 2)
+    spec = write_spec(tmp_path, digits_spec(["ft-0", "ft-1"], model="tiny"))
+    with serve_process(["--spec", str(spec)]) as (process, grpc_port, metrics_port, _lines):
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = grpcclient.InferInput("pixels", [1, 64], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+            assert client.infer("tiny", [tensor]).as_numpy("logits").shape == (1, 10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert 'tureen_request_success_total{model="tiny",version="1"} 1.0' in response.read().decode()
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("run", ["first", "cached"])
+def test_the_demo_serves_a_real_soup(tmp_path_factory: pytest.TempPathFactory, run: str) -> None:
+    demo_dir = tmp_path_factory.getbasetemp() / "demo"
+    with serve_process(["--demo", "--demo-dir", str(demo_dir)]) as (_process, grpc_port, _metrics, lines):
+        log = "".join(lines)
+        assert ("first run, training" in log) == (run == "first")
+        assert "held-out test accuracy of the uniform soup (version 1)" in log
+        from tureen.demo.train import load_split
+
+        pixels, labels = load_split(demo_dir, "test")
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
+            tensor = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
+            tensor.set_data_from_numpy(pixels.numpy())
+            predicted = client.infer("digits", [tensor]).as_numpy("logits").argmax(axis=1)
+        assert float(np.mean(predicted == labels.numpy())) > 0.9
