@@ -82,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from tureen.app import App, Settings
+    from tureen.core.devices import resolve_device
     from tureen.spec import load_spec
 
+    resolve_device(args.device)  # a wrong --device fails before any training or loading
     specs = [load_spec(path) for path in args.spec]
     demo_dir: Path | None = None
     if args.demo:
@@ -140,11 +142,17 @@ def _merge(args: argparse.Namespace) -> int:
     from tureen.spec import load_spec
 
     started = time.perf_counter()
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise SoupError(f"-o: folder {output.parent} does not exist")
     spec = load_spec(args.spec)
     kitchen = Kitchen(IngredientPool(resolve_device(args.device), NullObserver()), NullObserver())
     merged = kitchen.merge(spec)
     metadata = {"tureen.model": spec.model, "tureen.spec": spec.model_dump_json(by_alias=True)}
-    save_file({name: t.contiguous().cpu() for name, t in merged.items()}, args.output, metadata=metadata)
+    try:
+        save_file({name: t.contiguous().cpu() for name, t in merged.items()}, str(output), metadata=metadata)
+    except Exception as exc:  # safetensors reports I/O failures with its own exception type
+        raise SoupError(f"-o: cannot write {output}: {exc}") from None
     summary = {
         "output": args.output,
         "model": spec.model,
