@@ -39,3 +39,36 @@ def mixed() -> Mixed:
 
 def broken() -> nn.Module:
     raise RuntimeError("this factory always fails")
+
+
+class InPlace(nn.Module):
+    """Writes into its input, which the server hands over as a view of the request's bytes."""
+
+    tureen_interface = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2.0) * self.scale
+
+
+class Fragile(InPlace):
+    """Fails on batches of exactly three rows, as a model with a latent bug might."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 3:
+            raise RuntimeError("the model tripped over a batch of three")
+        return x * self.scale
+
+
+def inplace() -> InPlace:
+    return InPlace()
+
+
+def fragile() -> Fragile:
+    return Fragile()

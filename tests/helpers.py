@@ -75,9 +75,9 @@ def hand_average(states: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapp
 
 
 @contextmanager
-def running_app(specs: list[SoupSpec], build: bool = True, **settings: Any) -> Iterator[App]:
+def running_app(specs: list[SoupSpec], build: bool = True, sources: list[str] | None = None, **settings: Any) -> Iterator[App]:
     """A real server in this process on free ports of 127.0.0.1; stopped and unbound on exit."""
-    app = App(specs, Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", **settings))
+    app = App(specs, Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", **settings), sources)
     app.start()
     try:
         if build:

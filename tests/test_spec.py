@@ -35,10 +35,14 @@ def test_json_specs_load_too(tmp_path: Path) -> None:
     assert load_spec(path).ingredients[0].name == "a"
 
 
-def test_specs_are_frozen() -> None:
-    spec = parse_spec(digits_spec(["a"]))
+def test_specs_are_frozen_all_the_way_down() -> None:
+    spec = parse_spec(digits_spec(["a", "b"], merge={"weights": {"a": 1, "b": 2}, "parameters": {"normalize": True}}))
     with pytest.raises(ValidationError):
         spec.model = "other"  # type: ignore[misc]
+    for mapping in (spec.merge.weights, spec.merge.parameters, spec.architecture.kwargs):  # type: ignore[union-attr]
+        with pytest.raises(TypeError, match="cannot be changed"):
+            mapping["a"] = 0  # type: ignore[index]
+    assert parse_spec(spec.model_dump(by_alias=True)) == spec
 
 
 def test_weights_default_to_uniform_and_are_given_per_ingredient() -> None:
@@ -71,6 +75,7 @@ def test_weights_must_cover_every_ingredient() -> None:
         ({"merge": {"base": "a"}}, "merge.base: method 'linear' does not use a base"),
         ({"merge": {"base": "zz"}}, "merge.base: no ingredient named 'zz'"),
         ({"merge": {"weights": {"a": float("nan")}}}, "merge.weights.a: weight must be finite"),
+        ({"merge": {"weights": {"a": 0}}}, "merge.weights: weights sum to 0 and cannot be normalized"),
         ({"architecture": {"factory": "no-colon"}}, "architecture.factory: String should match pattern"),
         ({"architecture": {"factory": "m:f", "kwarg": {}}}, "architecture.kwarg: unknown field"),
     ],

@@ -10,18 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-import grpc
-
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.devices import resolve_device
 from tureen.core.engine import Engine
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
-from tureen.errors import SpecInvalid
+from tureen.errors import SoupError, SpecInvalid
 from tureen.observability import PrometheusObserver, serve_metrics, stop_metrics
 from tureen.spec import SoupSpec
-from tureen.transport.server import create_server
+from tureen.transport.server import Endpoint, create_server
 
 _log = logging.getLogger("tureen")
 
@@ -41,12 +39,15 @@ class Settings:
 class App:
     """One Tureen server process: declare the specs' models, serve, then build their blends."""
 
-    def __init__(self, specs: Sequence[SoupSpec], settings: Settings) -> None:
-        models = [spec.model for spec in specs]
-        duplicates = sorted({m for m in models if models.count(m) > 1})
-        if duplicates:
-            raise SpecInvalid([f"model: {duplicates[0]!r} is given by more than one spec"])
+    def __init__(self, specs: Sequence[SoupSpec], settings: Settings, sources: Sequence[str] | None = None) -> None:
+        """``sources`` names where each spec came from (its file), for error messages."""
         self.specs = list(specs)
+        self.sources = list(sources) if sources is not None else [f"for model {spec.model!r}" for spec in specs]
+        seen: dict[str, str] = {}
+        for spec, source in zip(self.specs, self.sources, strict=True):
+            if spec.model in seen:
+                raise SpecInvalid([f"model: {spec.model!r} is also served by spec {seen[spec.model]}"], source)
+            seen[spec.model] = source
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.metrics = PrometheusObserver()
@@ -59,7 +60,7 @@ class App:
             self.repository.declare(spec.model)
         self.grpc_port = 0
         self.metrics_port = 0
-        self._grpc: grpc.Server | None = None
+        self._grpc: Endpoint | None = None
         self._metrics_server: WSGIServer | None = None
 
     def start(self) -> None:
@@ -67,7 +68,7 @@ class App:
         s = self.settings
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
         try:
-            self._grpc, self.grpc_port = create_server(
+            self._grpc = create_server(
                 self.engine,
                 self.repository,
                 host=s.host,
@@ -78,6 +79,7 @@ class App:
         except OSError:
             self.stop()
             raise
+        self.grpc_port = self._grpc.port
         self._grpc.start()
         _log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         _log.info("gRPC (KServe v2 inference, health, reflection) on %s:%d, device %s", s.host, self.grpc_port, self.device)
@@ -85,21 +87,20 @@ class App:
     def build_all(self) -> list[Blend]:
         """Build every spec as version 1 and swap it in; the first failure raises."""
         blends = []
-        for spec in self.specs:
-            blend = self.kitchen.build(spec, version=1)
+        for spec, source in zip(self.specs, self.sources, strict=True):
+            try:
+                blend = self.kitchen.build(spec, version=1)
+            except SoupError as exc:
+                raise exc.within(f"spec {source}") from None
             self.repository.swap(blend)
             blends.append(blend)
             _log.info("model %s: serving version %d", spec.model, blend.version)
         return blends
 
-    def wait(self) -> None:
-        if self._grpc is not None:
-            self._grpc.wait_for_termination()
-
     def stop(self, grace: float = 2.0) -> None:
         """Stop both endpoints and release their ports; requests in flight get ``grace`` seconds."""
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+            self._grpc.stop(grace)
             self._grpc = None
         if self._metrics_server is not None:
             stop_metrics(self._metrics_server)

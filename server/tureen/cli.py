@@ -36,6 +36,20 @@ Metrics: curl http://{host}:{metrics_port}/metrics
 """
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0 picks a free one)")
+    return port
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tureen", description="Serve model soups, merged live on the device.")
     parser.add_argument("--version", action="version", version=f"tureen {__version__}")
@@ -52,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo keeps its ingredients (default: $XDG_CACHE_HOME/tureen/demo or ~/.cache/tureen/demo)",
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
-    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port; 0 picks a free one (default: 8002)")
+    serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
+    serve.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus port; 0 picks a free one (default: 8002)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, CUDA when present)")
     serve.add_argument(
-        "--max-message-mb", type=int, default=64, metavar="MB", help="largest gRPC message accepted or sent, in MiB (default: 64)"
+        "--max-message-mb",
+        type=_positive,
+        default=64,
+        metavar="MB",
+        help="largest gRPC message accepted or sent, in MiB (default: 64)",
     )
-    serve.add_argument("--grpc-workers", type=int, default=8, metavar="N", help="gRPC worker threads (default: 8)")
+    serve.add_argument("--grpc-workers", type=_positive, default=8, metavar="N", help="gRPC worker threads (default: 8)")
 
     merge = commands.add_parser("merge", help="merge a spec offline into a safetensors file, no server")
     merge.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON)")
@@ -86,13 +104,14 @@ def _serve(args: argparse.Namespace) -> int:
     from tureen.spec import load_spec
 
     resolve_device(args.device)  # a wrong --device fails before any training or loading
-    specs = [load_spec(path) for path in args.spec]
+    sources = [str(path) for path in args.spec]
     demo_dir: Path | None = None
     if args.demo:
         from tureen.demo import train
 
         demo_dir = args.demo_dir or train.default_cache_dir()
-        specs.append(load_spec(train.prepare(demo_dir)))
+        sources.append(str(train.prepare(demo_dir)))
+    specs = [load_spec(path) for path in sources]
     if not specs:
         raise SoupError("nothing to serve: give --spec FILE (repeatable) or --demo")
     settings = Settings(
@@ -103,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         grpc_workers=args.grpc_workers,
     )
-    app = App(specs, settings)
+    app = App(specs, settings, sources)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

@@ -16,6 +16,13 @@ class SoupError(Exception):
 
     reason: ClassVar[str] = "internal"
 
+    def within(self, where: str) -> SoupError:
+        """Prefix the message with where it happened (``spec FILE``), once; returns self to re-raise."""
+        text = str(self)
+        if not text.startswith(f"{where}: "):
+            self.args = (f"{where}: {text}",)
+        return self
+
 
 class SpecInvalid(SoupError):
     """A soup spec failed validation; the message names each field and why."""

@@ -12,10 +12,10 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tureen.errors import SpecInvalid
 from tureen.merge import lookup
@@ -33,6 +33,25 @@ class FieldProblems(ValueError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
         super().__init__("; ".join(f"{field}: {reason}" for field, reason in problems))
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes, so that a validated spec stays what was validated."""
+
+    def _immutable(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a validated spec cannot be changed; build a new one")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _immutable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+
+def _frozen_dict(value: dict[str, Any]) -> dict[str, Any]:
+    return FrozenDict(value)
 
 
 class _Frozen(BaseModel):
@@ -84,7 +103,7 @@ class Architecture(_Frozen):
     """How to build the ``nn.Module`` the merged weights go into."""
 
     factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
 
 
 class IngredientRef(_Frozen):
@@ -100,8 +119,8 @@ class MergeSpec(_Frozen):
 
     method: str = "linear"
     base: str | None = None
-    weights: dict[str, float] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    weights: Annotated[dict[str, float], AfterValidator(_frozen_dict)] | None = None
+    parameters: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
 
     @model_validator(mode="after")
     def _method_and_parameters(self) -> MergeSpec:
@@ -175,6 +194,9 @@ def _merge_references(merge: MergeSpec, names: list[str]) -> list[tuple[str, str
         for name in mixed:
             if name not in merge.weights:
                 problems.append(("merge.weights", f"no weight for ingredient {name!r} (give all or none)"))
+        normalize = getattr(method.params.model_validate(merge.parameters), "normalize", False)
+        if normalize and not problems and sum(merge.weights[name] for name in mixed) == 0:
+            problems.append(("merge.weights", "weights sum to 0 and cannot be normalized (or set parameters.normalize: false)"))
     return problems
 
 

@@ -35,14 +35,20 @@ class Blend:
     nbytes: int
     build_seconds: float
     spec: SoupSpec
+    copy_inputs: bool = False
+    """Set when warm-up saw ``forward`` write into its inputs, which are views of request bytes."""
 
     def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to the blend's device; floating inputs take the blend's dtype."""
         prepared = {}
         for name, tensor in inputs.items():
-            if tensor.is_floating_point() and tensor.dtype != self.dtype:
-                tensor = tensor.to(self.dtype)
-            prepared[name] = tensor.to(self.device, non_blocking=True)
+            moved = tensor
+            if moved.is_floating_point() and moved.dtype != self.dtype:
+                moved = moved.to(self.dtype)
+            moved = moved.to(self.device, non_blocking=True)
+            if self.copy_inputs and moved is tensor:
+                moved = moved.clone()
+            prepared[name] = moved
         return prepared
 
     def forward(self, prepared: Mapping[str, torch.Tensor]) -> Any:

@@ -15,7 +15,7 @@ import torch
 
 from tureen.core.blends import BlendRepository
 from tureen.core.observer import Observer
-from tureen.core.statistics import StatisticsBook, Timings
+from tureen.core.statistics import StatisticsBook, Timings, VersionStatistics
 from tureen.errors import InferenceFailed, SoupError
 
 
@@ -46,25 +46,25 @@ class Engine:
         self._observer = observer
 
     def infer(self, request: InferRequest) -> InferResponse:
-        blend = None
         try:
             blend = self.repository.active(request.model, request.version)
             started = time.perf_counter_ns()
             names = blend.signature.check_outputs(request.outputs)
             batch = blend.signature.check_inputs(request.inputs)
-            prepared = blend.prepare(request.inputs)
-            forward_at = time.perf_counter_ns()
-            try:
-                result = blend.forward(prepared)
-                output_at = time.perf_counter_ns()
-                outputs = blend.collect(result, names)
-            except SoupError:
-                raise
-            except Exception as exc:
-                raise InferenceFailed(f"model {blend.model!r} version {blend.version}: forward failed: {exc}") from exc
         except SoupError as exc:
             self.reject(request.model, request.received_ns, exc)
             raise
+        # Past validation, whatever goes wrong is the server's or the model's fault, never the caller's.
+        try:
+            prepared = blend.prepare(request.inputs)
+            forward_at = time.perf_counter_ns()
+            result = blend.forward(prepared)
+            output_at = time.perf_counter_ns()
+            outputs = blend.collect(result, names)
+        except Exception as exc:
+            failure = InferenceFailed(f"model {blend.model!r} version {blend.version}: inference failed: {exc}")
+            self.reject(request.model, request.received_ns, failure)
+            raise failure from exc
         done = time.perf_counter_ns()
         timings = Timings(
             queue=started - request.received_ns,
@@ -78,6 +78,20 @@ class Engine:
             blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
         )
         return InferResponse(model=blend.model, version=blend.version, id=request.id, outputs=outputs)
+
+    def statistics_of(self, model: str = "", version: str = "") -> list[tuple[str, int, VersionStatistics]]:
+        """Statistics of every served blend (zeros before its first request), filtered when asked.
+
+        Raises ``ModelNotFound`` for a model, or a version of it, that is not served here.
+        """
+        served = {name: blend for name, blend in self.repository.models().items() if blend is not None}
+        if model:
+            self.repository.active(model, version)  # NOT_FOUND / UNAVAILABLE, as for inference
+        recorded = {(m, v): stats for m, v, stats in self.statistics.snapshot(model, version)}
+        for name, blend in served.items():
+            if (not model or name == model) and (not version or str(blend.version) == version):
+                recorded.setdefault((name, blend.version), VersionStatistics())
+        return [(m, v, recorded[(m, v)]) for m, v in sorted(recorded)]
 
     def reject(self, model: str, received_ns: int, error: SoupError) -> None:
         """Count a request that failed, including one the transport could not even decode."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ class Kitchen:
             build_seconds=time.perf_counter() - started,
             spec=spec,
         )
-        _warm_up(blend)
+        blend = _warm_up(blend)
         self._observer.blend_built(spec.model, version, blend.build_seconds)
         _log.info("model %s: version %d built in %.2f s", spec.model, version, blend.build_seconds)
         return blend
@@ -89,15 +90,35 @@ def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torc
     return module.requires_grad_(False).eval()
 
 
-def _warm_up(blend: Blend) -> None:
-    """One forward on a zero batch: the blend must work before any request reaches it."""
+def _warm_up(blend: Blend) -> Blend:
+    """One forward on a zero batch: the blend must work, and fit its interface, before it serves.
+
+    Requests hand ``forward`` read-only views of their bytes; a forward seen writing into its
+    inputs here gets private copies of them on every request instead.
+    """
     zeros = {
         slot.name: torch.zeros([1 if dim == -1 else dim for dim in slot.shape], dtype=slot.dtype)
         for slot in blend.signature.inputs.values()
     }
     try:
-        blend.collect(blend.forward(blend.prepare(zeros)), tuple(blend.signature.outputs))
+        prepared = blend.prepare(zeros)
+        versions = {name: tensor._version for name, tensor in prepared.items()}
+        outputs = blend.collect(blend.forward(prepared), tuple(blend.signature.outputs))
     except SoupError:
         raise
     except Exception as exc:
         raise ArchitectureError(f"interface: a forward pass on a zero batch shaped by the interface failed: {exc}") from None
+    for name, tensor in outputs.items():
+        slot = blend.signature.outputs[name]
+        expected = list(slot.shape)
+        if blend.signature.max_batch_size > 0:
+            expected[0] = 1  # the zero batch has one row; other -1 dimensions accept any size
+        got = list(tensor.shape)
+        if len(got) != len(expected) or any(w not in (-1, g) for w, g in zip(expected, got, strict=True)):
+            raise ArchitectureError(
+                f"interface.outputs: {name!r} is declared {list(slot.shape)} but a batch of 1 gave shape {got}"
+            )
+    if any(tensor._version != versions[name] for name, tensor in prepared.items()):
+        _log.warning("model %s: forward writes into its inputs; requests will copy them first", blend.model)
+        return replace(blend, copy_inputs=True)
+    return blend

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,23 +50,32 @@ FINE_TUNES = (
 
 
 def default_cache_dir() -> Path:
-    import os
-
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "tureen" / "demo"
 
 
 def prepare(cache_dir: Path) -> Path:
     """Return the demo spec in ``cache_dir``, training its ingredients first if needed."""
-    manifest_path = cache_dir / "demo.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        files = [cache_dir / SPEC_FILE, *(cache_dir / f"{n}.safetensors" for n in manifest.get("accuracy", {}))]
-        if manifest.get("recipe") == RECIPE and all(f.exists() for f in files):
-            _log.info("demo: reusing the ingredients in %s", cache_dir)
-            _report(manifest["accuracy"])
-            return cache_dir / SPEC_FILE
+    manifest = _cached_manifest(cache_dir)
+    if manifest is not None:
+        _log.info("demo: reusing the ingredients in %s", cache_dir)
+        _report(manifest["accuracy"])
+        return cache_dir / SPEC_FILE
     return _train_all(cache_dir)
+
+
+def _cached_manifest(cache_dir: Path) -> dict | None:
+    """The manifest of a complete cache made by this recipe; None means train again."""
+    try:
+        manifest = json.loads((cache_dir / "demo.json").read_text())
+        names = list(manifest["accuracy"])
+        recipe = manifest["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = [SPEC_FILE, "val.safetensors", "test.safetensors", *(f"{name}.safetensors" for name in names)]
+    if recipe != RECIPE or not all((cache_dir / name).is_file() for name in files):
+        return None
+    return manifest
 
 
 def splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -131,7 +141,10 @@ def _train_all(cache_dir: Path) -> Path:
         "# A uniform soup of the demo's fine-tunes, written by `tureen serve --demo`.\n" + yaml.safe_dump(spec, sort_keys=False)
     )
     manifest = {"recipe": RECIPE, "accuracy": scores, "fine_tunes": [asdict(f) for f in FINE_TUNES]}
-    (cache_dir / "demo.json").write_text(json.dumps(manifest, indent=2))
+    # Written last and atomically: a manifest exists only for a complete cache.
+    partial = cache_dir / "demo.json.tmp"
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, cache_dir / "demo.json")
     _log.info("demo: trained in %.1f s, written to %s", time.perf_counter() - started, cache_dir)
     _report(scores)
     return cache_dir / SPEC_FILE

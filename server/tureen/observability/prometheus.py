@@ -121,7 +121,10 @@ class PrometheusObserver:
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:
     """Serve ``/metrics`` on ``host:port`` in a daemon thread; port 0 picks a free one."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"--metrics-port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return server, server.server_port
 
 

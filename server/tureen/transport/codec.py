@@ -85,7 +85,10 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidRequest(f"input {name!r}: {field} holds {len(values)} values, shape {list(shape)} needs {count}")
-    array = np.asarray(values, dtype=np_dtype).reshape(shape)
+    try:
+        array = np.asarray(values, dtype=np_dtype).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidRequest(f"input {name!r}: {field} does not fit {datatype}: {exc}") from None
     return torch.from_numpy(array)
 
 

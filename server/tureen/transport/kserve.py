@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tureen import __version__
 from tureen.core.blends import BlendRepository
 from tureen.core.engine import Engine
-from tureen.errors import ModelNotFound, SoupError
+from tureen.errors import InferenceFailed, SoupError
 from tureen.transport import codec
 
 EXTENSIONS = ("model_configuration", "statistics")
@@ -51,9 +51,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except SoupError as exc:
             self._engine.reject(request.model_name, received, exc)
             raise
-        return codec.encode_infer_response(self._engine.infer(decoded))
+        response = self._engine.infer(decoded)
+        try:
+            return codec.encode_infer_response(response)
+        except Exception as exc:
+            failure = InferenceFailed(f"model {response.model!r}: cannot encode the response: {exc}")
+            self._engine.reject(request.model_name, received, failure)
+            raise failure from exc
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> pb.ModelStatisticsResponse:
-        if request.name and request.name not in self._repository.models():
-            raise ModelNotFound(f"model {request.name!r} is not served here")
-        return codec.encode_statistics(self._engine.statistics.snapshot(request.name, request.version))
+        return codec.encode_statistics(self._engine.statistics_of(request.name, request.version))

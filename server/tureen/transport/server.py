@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health
@@ -16,6 +17,23 @@ from tureen.transport.kserve import InferenceServicer
 from tureen.transport.status import ErrorInterceptor
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A bound gRPC server with its health service, so stopping can announce itself first."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace: float) -> None:
+        """Report NOT_SERVING to health watchers, then stop; requests in flight get ``grace`` s."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
 def create_server(
     engine: Engine,
     repository: BlendRepository,
@@ -24,8 +42,8 @@ def create_server(
     port: int = 8001,
     max_message_bytes: int = 64 * 1024 * 1024,
     workers: int = 8,
-) -> tuple[grpc.Server, int]:
-    """Build (not start) the server and bind it; ``port=0`` picks a free port, returned."""
+) -> Endpoint:
+    """Build (not start) the server and bind it; ``port=0`` picks a free port (``Endpoint.port``)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
         interceptors=[ErrorInterceptor()],
@@ -36,7 +54,7 @@ def create_server(
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository), server)
-    add_health(server, repository)
+    health_servicer = add_health(server, repository)
     reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -45,4 +63,4 @@ def create_server(
         raise OSError(f"--grpc-port: cannot listen on {address}: {exc}") from None
     if bound == 0:
         raise OSError(f"--grpc-port: cannot listen on {address}")
-    return server, bound
+    return Endpoint(server, bound, health_servicer)

@@ -90,5 +90,6 @@ def _guard_stream(
 
 
 def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
-    # context.abort() raises a bare Exception after setting the status; let it through untouched.
-    return type(exc) is Exception and context.code() is not None
+    # context.abort() raises a bare Exception after setting the status, and a cancelled call
+    # surfaces as an RpcError: both already carry their status, so let them through untouched.
+    return (type(exc) is Exception and context.code() is not None) or isinstance(exc, grpc.RpcError)
