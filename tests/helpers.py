@@ -42,7 +42,7 @@ def write_ingredients(folder: Path, count: int, hidden: int = 8, prefix: str = "
     skeleton = DigitsMLP(hidden=hidden)
     states = {}
     for i in range(count):
-        state = random_state(skeleton, seed=100 + i)
+        state = random_state(skeleton, seed=100 + i + (0 if prefix == "ft" else sum(map(ord, prefix)) * 1000))
         save_file(state, str(folder / f"{prefix}-{i}.safetensors"))
         states[f"{prefix}-{i}"] = state
     return states

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tureen.merge import METHODS, lookup
 from tureen.merge.linear import linear
+from tureen.merge.methods import DECLARATIONS
+from tureen.merge.registry import REGISTRY, lookup
 
 
 def tensors(count: int, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (33, 17)) -> list[torch.Tensor]:
@@ -49,7 +50,8 @@ def test_weights_that_sum_to_zero_cannot_be_normalized() -> None:
 
 
 def test_the_registry_is_explicit_and_lookups_name_what_exists() -> None:
-    assert lookup("linear") is METHODS["linear"]
-    assert METHODS["linear"].base == "forbidden"
-    with pytest.raises(ValueError, match=r"unknown merge method 'tiez' \(known: linear\)"):
+    assert lookup("linear") is REGISTRY["linear"]
+    assert REGISTRY["linear"].decl is DECLARATIONS["linear"] and DECLARATIONS["linear"].base == "forbidden"
+    assert set(REGISTRY) == set(DECLARATIONS)
+    with pytest.raises(ValueError, match=r"unknown merge method 'tiez' \(known: breadcrumbs, .*ties"):
         lookup("tiez")

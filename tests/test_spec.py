@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from helpers import digits_spec, write_spec
+from tureen.core.parameters import ParameterPlan
 from tureen.errors import SpecInvalid
 from tureen.spec import load_spec, parse_spec
 
@@ -26,7 +27,7 @@ def test_a_valid_yaml_spec_loads_with_paths_relative_to_the_file(tmp_path: Path)
     assert spec.model == "digits"
     assert [i.path for i in spec.ingredients] == [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
     assert spec.merge.method == "linear" and spec.dtype == "float32"
-    assert spec.merge.method_parameters().normalize is True
+    assert spec.merge.parameters == {} and spec.mixed == spec.ingredients
 
 
 def test_json_specs_load_too(tmp_path: Path) -> None:
@@ -45,10 +46,11 @@ def test_specs_are_frozen_all_the_way_down() -> None:
     assert parse_spec(spec.model_dump(by_alias=True)) == spec
 
 
-def test_weights_default_to_uniform_and_are_given_per_ingredient() -> None:
-    assert parse_spec(digits_spec(["a", "b", "c"])).ingredient_weights() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
-    weighted = digits_spec(["a", "b"], merge={"method": "linear", "weights": {"a": 3, "b": 1}})
-    assert parse_spec(weighted).ingredient_weights() == {"a": 3.0, "b": 1.0}
+def test_weights_default_to_equal_and_are_given_per_ingredient() -> None:
+    uniform = ParameterPlan(parse_spec(digits_spec(["a", "b", "c"])), ["w"])
+    assert uniform.for_tensor("w") == ({"normalize": True}, {"weight": [1.0, 1.0, 1.0]})
+    weighted = ParameterPlan(parse_spec(digits_spec(["a", "b"], merge={"weights": {"a": 3, "b": 1}})), ["w"])
+    assert weighted.for_tensor("w")[1] == {"weight": [3, 1]}
 
 
 def test_a_weight_for_an_unknown_ingredient_is_named() -> None:
@@ -69,12 +71,18 @@ def test_weights_must_cover_every_ingredient() -> None:
         ({"model": "bad name!"}, "model: String should match pattern"),
         ({"ingredients": []}, "ingredients: Tuple should have at least 1 item"),
         ({"dtype": "float8"}, "dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
-        ({"merge": {"method": "soup-of-the-day"}}, "merge.method: unknown merge method 'soup-of-the-day' (known: linear)"),
-        ({"merge": {"parameters": {"normalise": False}}}, "merge.parameters.normalise: unknown field"),
-        ({"merge": {"parameters": {"normalize": "sometimes"}}}, "merge.parameters.normalize: Input should be a valid boolean"),
+        ({"merge": {"method": "soup-of-the-day"}}, "merge.method: unknown merge method 'soup-of-the-day' (known: breadcrumbs, "),
+        (
+            {"merge": {"parameters": {"normalise": False}}},
+            "merge.parameters.normalise: method 'linear' has no parameter 'normalise'",
+        ),
+        (
+            {"merge": {"parameters": {"normalize": "sometimes"}}},
+            "merge.parameters.normalize: expected true or false, got 'sometimes'",
+        ),
         ({"merge": {"base": "a"}}, "merge.base: method 'linear' does not use a base"),
         ({"merge": {"base": "zz"}}, "merge.base: no ingredient named 'zz'"),
-        ({"merge": {"weights": {"a": float("nan")}}}, "merge.weights.a: weight must be finite"),
+        ({"merge": {"weights": {"a": float("nan")}}}, "merge.weights.a: must be finite, got nan"),
         ({"merge": {"weights": {"a": 0}}}, "merge.weights: weights sum to 0 and cannot be normalized"),
         ({"architecture": {"factory": "no-colon"}}, "architecture.factory: String should match pattern"),
         ({"architecture": {"factory": "m:f", "kwarg": {}}}, "architecture.kwarg: unknown field"),

@@ -8,17 +8,16 @@ each field as a dotted path, e.g. ``merge.weights.ft-c: no ingredient named 'ft-
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from tureen.errors import SpecInvalid
-from tureen.merge import lookup
+from tureen.merge.methods import MethodDecl, declaration
 
 API_VERSION = "tureen/v1"
 DATATYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64")
@@ -106,12 +105,27 @@ class Architecture(_Frozen):
     kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
 
 
+ParamValue = StrictBool | int | float | str | list[float]
+Parameters = Annotated[dict[str, ParamValue], AfterValidator(_frozen_dict)]
+
+
 class IngredientRef(_Frozen):
-    """One checkpoint: a name the spec refers to, a file, and optionally its checksum."""
+    """One checkpoint: a name the spec refers to, a file, optionally its checksum and parameters."""
 
     name: str = Field(pattern=NAME_PATTERN)
     path: str = Field(min_length=1)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    parameters: Parameters = Field(default_factory=FrozenDict)
+    """Per-ingredient parameters of the merge method (weight, density, ...) for this ingredient."""
+
+
+class Override(_Frozen):
+    """Parameters for the tensors whose names match a glob; the first matching entry wins."""
+
+    match: str = Field(min_length=1)
+    ingredient: str | None = None
+    """Only for this ingredient; entries naming an ingredient are consulted before the others."""
+    parameters: Parameters = Field(min_length=1)
 
 
 class MergeSpec(_Frozen):
@@ -119,24 +133,22 @@ class MergeSpec(_Frozen):
 
     method: str = "linear"
     base: str | None = None
-    weights: Annotated[dict[str, float], AfterValidator(_frozen_dict)] | None = None
-    parameters: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
+    weights: Annotated[dict[str, float | list[float]], AfterValidator(_frozen_dict)] | None = None
+    parameters: Parameters = Field(default_factory=FrozenDict)
+    overrides: tuple[Override, ...] = ()
 
     @model_validator(mode="after")
     def _method_and_parameters(self) -> MergeSpec:
         try:
-            method = lookup(self.method)
+            method = declaration(self.method)
         except ValueError as exc:
             raise FieldProblems([("method", str(exc))]) from None
-        try:
-            method.params.model_validate(self.parameters)
-        except ValidationError as exc:
-            raise FieldProblems([(_join("parameters", _dotted(err["loc"])), _message(err)) for err in exc.errors()]) from None
+        problems = _parameter_problems(method, self.parameters, "parameters", per_ingredient_allowed=True)
+        for i, override in enumerate(self.overrides):
+            problems += _parameter_problems(method, override.parameters, f"overrides[{i}].parameters", True)
+        if problems:
+            raise FieldProblems(problems)
         return self
-
-    def method_parameters(self) -> Any:
-        """The parameters validated into the method's own parameter model."""
-        return lookup(self.method).params.model_validate(self.parameters)
 
 
 class SoupSpec(_Frozen):
@@ -154,25 +166,46 @@ class SoupSpec(_Frozen):
     def _references(self) -> SoupSpec:
         problems: list[tuple[str, str]] = []
         names: list[str] = []
+        method = declaration(self.merge.method)
         for i, ingredient in enumerate(self.ingredients):
             if ingredient.name in names:
                 problems.append((f"ingredients[{i}].name", f"duplicate ingredient name {ingredient.name!r}"))
             names.append(ingredient.name)
+            where = f"ingredients[{i}].parameters"
+            if ingredient.name == self.merge.base and ingredient.parameters:
+                problems.append((where, "the base ingredient takes no parameters"))
+            else:
+                problems += _parameter_problems(method, ingredient.parameters, where, per_ingredient_allowed=True, only_per=True)
         problems += _merge_references(self.merge, names)
         if problems:
             raise FieldProblems(problems)
         return self
 
-    def ingredient_weights(self) -> dict[str, float]:
-        """The weight of every non-base ingredient: the spec's, or uniform when it gives none."""
-        mixed = [i.name for i in self.ingredients if i.name != self.merge.base]
-        if self.merge.weights is None:
-            return {name: 1.0 / len(mixed) for name in mixed}
-        return {name: self.merge.weights[name] for name in mixed}
+    @property
+    def mixed(self) -> tuple[IngredientRef, ...]:
+        """The ingredients other than the base, in spec order: the ones a method combines."""
+        return tuple(i for i in self.ingredients if i.name != self.merge.base)
+
+
+def _parameter_problems(
+    method: MethodDecl, given: Mapping[str, Any], where: str, per_ingredient_allowed: bool, only_per: bool = False
+) -> list[tuple[str, str]]:
+    problems = []
+    declared = method.by_name
+    for name, value in given.items():
+        param = declared.get(name)
+        if param is None:
+            known = ", ".join(declared) or "none"
+            problems.append((f"{where}.{name}", f"method {method.name!r} has no parameter {name!r} (parameters: {known})"))
+        elif only_per and not param.per_ingredient:
+            problems.append((f"{where}.{name}", f"{name!r} is a global parameter of {method.name!r}; set it in merge.parameters"))
+        elif (problem := param.problem(value)) is not None:
+            problems.append((f"{where}.{name}", problem))
+    return problems
 
 
 def _merge_references(merge: MergeSpec, names: list[str]) -> list[tuple[str, str]]:
-    method = lookup(merge.method)
+    method = declaration(merge.method)
     problems: list[tuple[str, str]] = []
     if merge.base is not None and merge.base not in names:
         problems.append(("merge.base", f"no ingredient named {merge.base!r}"))
@@ -182,20 +215,36 @@ def _merge_references(merge: MergeSpec, names: list[str]) -> list[tuple[str, str
         problems.append(("merge.base", f"method {method.name!r} needs a base ingredient"))
     mixed = [name for name in names if name != merge.base]
     if len(mixed) < method.min_ingredients:
-        problems.append(("ingredients", f"method {method.name!r} needs at least {method.min_ingredients} ingredients"))
+        problems.append(
+            ("ingredients", f"method {method.name!r} needs at least {method.min_ingredients} ingredients besides the base")
+        )
+    if method.max_ingredients is not None and len(mixed) > method.max_ingredients:
+        problems.append(
+            ("ingredients", f"method {method.name!r} takes at most {method.max_ingredients} besides the base, got {len(mixed)}")
+        )
+    if method.name == "slerp" and len(names) != 2:
+        problems.append(("ingredients", f"slerp interpolates exactly two models (the base counts), got {len(names)}"))
+    for i, override in enumerate(merge.overrides):
+        if override.ingredient is not None and override.ingredient not in mixed:
+            problems.append((f"merge.overrides[{i}].ingredient", f"no ingredient named {override.ingredient!r} besides the base"))
     if merge.weights is not None:
+        if "weight" not in method.by_name:
+            problems.append(("merge.weights", f"method {method.name!r} takes no weights"))
         for name, weight in merge.weights.items():
             if name not in names:
                 problems.append((f"merge.weights.{name}", f"no ingredient named {name!r}"))
             elif name == merge.base:
                 problems.append((f"merge.weights.{name}", "the base ingredient takes no weight"))
-            elif not math.isfinite(weight):
-                problems.append((f"merge.weights.{name}", f"weight must be finite, got {weight}"))
+            elif (problem := method.by_name["weight"].problem(weight) if "weight" in method.by_name else None) is not None:
+                problems.append((f"merge.weights.{name}", problem))
         for name in mixed:
             if name not in merge.weights:
                 problems.append(("merge.weights", f"no weight for ingredient {name!r} (give all or none)"))
-        normalize = getattr(method.params.model_validate(merge.parameters), "normalize", False)
-        if normalize and not problems and sum(merge.weights[name] for name in mixed) == 0:
+        normalize = merge.parameters.get(
+            "normalize", method.by_name["normalize"].default if "normalize" in method.by_name else False
+        )
+        scalars = [merge.weights[name] for name in mixed if name in merge.weights]
+        if normalize and not problems and all(isinstance(w, int | float) for w in scalars) and sum(scalars) == 0:  # type: ignore[arg-type]
             problems.append(("merge.weights", "weights sum to 0 and cannot be normalized (or set parameters.normalize: false)"))
     return problems
 

@@ -14,8 +14,9 @@ import torch
 
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient
+from tureen.core.parameters import ParameterPlan
 from tureen.errors import IngredientMismatch, MergeError
-from tureen.merge import lookup
+from tureen.merge.registry import TensorJob, lookup
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.recipe")
@@ -59,36 +60,46 @@ def check_compatible(
 def mix(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> dict[str, torch.Tensor]:
     """Merge the ingredients' tensors by the spec's method into the spec's dtype.
 
-    Floating tensors accumulate in float32 and are cast once at the end. Integer and bool
-    tensors (step counters, index buffers) are never averaged: they must agree across all
-    ingredients and are taken from the base, or the first ingredient when there is no base.
+    Floating tensors are merged in float32 with parameters resolved per tensor (see
+    ``tureen.core.parameters``) and cast once at the end. Integer and bool tensors (step
+    counters, index buffers) are never averaged: they must agree across all ingredients and
+    are taken from the base, or the first ingredient when there is no base.
     """
     started = time.perf_counter()
     method = lookup(spec.merge.method)
-    params = spec.merge.method_parameters()
-    weighted = spec.ingredient_weights()
-    names = list(weighted)
-    weights = [weighted[name] for name in names]
-    out_dtype = BLEND_DTYPES[spec.dtype]
     source = spec.merge.base or spec.ingredients[0].name
+    reference = ingredients[source].tensors
+    plan = ParameterPlan(spec, list(reference))
+    names = [i.name for i in plan.mixed]
+    out_dtype = BLEND_DTYPES[spec.dtype]
     merged: dict[str, torch.Tensor] = {}
-    for key, model_tensor in ingredients[source].tensors.items():
+    for done, (key, model_tensor) in enumerate(reference.items(), start=1):
         if model_tensor.is_floating_point():
-            versions = [ingredients[name].tensors[key] for name in names]
+            glob, per = plan.for_tensor(key)
+            job = TensorJob(
+                name=key,
+                tensors=[ingredients[name].tensors[key] for name in names],
+                ingredients=names,
+                base=ingredients[spec.merge.base].tensors[key] if spec.merge.base else None,
+                glob=glob,
+                per=per,
+            )
             try:
-                merged[key] = method.combine(versions, weights, params).to(out_dtype)
+                merged[key] = method.combine(job).to(out_dtype)
             except ValueError as exc:
-                raise MergeError(f"merge ({method.name}): tensor {key!r}: {exc}") from None
+                raise MergeError(f"merge ({method.decl.name}): tensor {key!r}: {exc}") from None
         else:
             _check_agree(spec, ingredients, key, source)
             merged[key] = model_tensor.clone()
+        if done % 100 == 0:
+            _log.info("merging: %d/%d tensors", done, len(reference))
     parameters = sum(t.numel() for t in merged.values())
     _log.info(
         "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s",
         len(merged),
         parameters / 1e6,
-        len(names),
-        method.name,
+        len(spec.ingredients),
+        method.decl.name,
         time.perf_counter() - started,
     )
     return merged

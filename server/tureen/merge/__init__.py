@@ -1,8 +1,5 @@
-"""Merge math: pure tensor functions and the one registry of merge methods.
+"""Merge math: pure tensor functions, their declarations, and the one registry pairing them.
 
-This package imports torch and pydantic only; it knows nothing of specs, files or servers.
+``methods`` (declarations) imports no torch, so specs validate without it; ``registry`` pairs
+each declaration with its function. Nothing is imported here, to keep it that way.
 """
-
-from tureen.merge.registry import METHODS, MergeMethod, MethodParams, lookup
-
-__all__ = ["METHODS", "MergeMethod", "MethodParams", "lookup"]

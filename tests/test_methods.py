@@ -1,0 +1,316 @@
+"""Every merge method against an independent float64 reference written from its definition.
+
+The references below are deliberately naive (full sorts, Python loops, float64) so that they
+share nothing with the chunked, sampled float32 code they check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from tureen.merge.methods import DECLARATIONS
+from tureen.merge.registry import REGISTRY, TensorJob
+
+SHAPE = (24, 17)
+
+
+def rand(count: int, seed: int = 0, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(count)]
+
+
+def run(
+    method: str, tensors: list[torch.Tensor], base: torch.Tensor | None = None, name: str = "layers.0.w", **values: Any
+) -> torch.Tensor:
+    """Call the registered method the way the kitchen does, with defaults filled in."""
+    decl = DECLARATIONS[method]
+    glob = {p.name: values.get(p.name, p.default) for p in decl.params if not p.per_ingredient}
+    per = {}
+    for p in decl.params:
+        if p.per_ingredient:
+            given = values.get(p.name, p.default)
+            per[p.name] = list(given) if isinstance(given, list) else [given] * len(tensors)
+    names = [f"ing-{i}" for i in range(len(tensors))]
+    job = TensorJob(name=name, tensors=tensors, ingredients=names, base=base, glob=glob, per=per)
+    out = REGISTRY[method].combine(job)
+    assert out.dtype == torch.float32 and out.shape == tensors[0].shape
+    return out
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    error = (actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)
+    assert error < rel, f"relative error {float(error):.3g}"
+
+
+# ---- references -------------------------------------------------------------------------------
+
+
+def ref_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
+    flat = delta.reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def ref_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    keep_n, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep_n - top)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.argsort(flat.abs())[bottom : bottom + keep_n]] = True
+    return (flat * keep).reshape(delta.shape)
+
+
+def ref_ties(base, tensors, weights, densities, lam=1.0, normalize=True, majority="total"):  # type: ignore[no-untyped-def]
+    b = base.double()
+    trimmed = [ref_topk(t.double() - b, d) * w for t, w, d in zip(tensors, weights, densities, strict=True)]
+    out = torch.zeros_like(b)
+    for index in range(b.numel()):
+        values = [x.reshape(-1)[index].item() for x in trimmed]
+        vote = sum(values) if majority == "total" else sum(math.copysign(1, v) if v else 0 for v in values)
+        sign = 1.0 if vote >= 0 else -1.0
+        agree = [(v, w) for v, w in zip(values, weights, strict=True) if v != 0 and math.copysign(1, v) == sign]
+        total = sum(v for v, _ in agree)
+        divisor = sum(w for _, w in agree) if normalize else 1.0
+        out.reshape(-1)[index] = total / (divisor if divisor != 0 else 1.0)
+    return b + lam * out
+
+
+def ref_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    cos = float((a.reshape(-1) @ b.reshape(-1)) / (a.norm() * b.norm()))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+# ---- the linear family ------------------------------------------------------------------------
+
+
+def test_linear_with_equal_weights_is_the_mean() -> None:
+    tensors = rand(4)
+    close(run("linear", tensors), torch.stack([t.double() for t in tensors]).mean(0))
+
+
+def test_task_arithmetic_is_base_plus_lambda_times_weighted_task_vectors() -> None:
+    base, *tensors = rand(4, seed=1)
+    weights = [0.5, -0.25, 1.5]
+    expected = base.double() + 0.7 * sum(w * (t.double() - base.double()) for w, t in zip(weights, tensors, strict=True))
+    close(run("task_arithmetic", tensors, base, weight=weights, **{"lambda": 0.7}), expected)
+
+
+# ---- sparsified task vectors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("majority", ["total", "frequency"])
+def test_ties_matches_trim_elect_disjoint_mean(majority: str) -> None:
+    base, *tensors = rand(4, seed=2)
+    weights, densities = [1.0, 0.6, 0.3], [0.2, 0.5, 0.9]
+    actual = run("ties", tensors, base, weight=weights, density=densities, majority_sign=majority, **{"lambda": 1.3})
+    close(actual, ref_ties(base, tensors, weights, densities, lam=1.3, majority=majority))
+
+
+def test_ties_at_density_one_is_task_arithmetic_over_elected_signs() -> None:
+    base, *tensors = rand(4, seed=3)
+    weights = [1.0, 2.0, 0.5]
+    deltas = [w * (t.double() - base.double()) for w, t in zip(weights, tensors, strict=True)]
+    elected = torch.where(sum(deltas) >= 0, 1.0, -1.0)
+    expected = base.double() + sum(d * (d.sign() == elected) for d in deltas)
+    close(run("ties", tensors, base, weight=weights, density=1.0, normalize=False), expected)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_keep_the_band_below_the_outliers(method: str) -> None:
+    base, *tensors = rand(3, seed=4)
+    weights, densities, gammas = [1.0, 0.5], [0.4, 0.7], [0.1, 0.2]
+    bands = [
+        ref_band(t.double() - base.double(), d, g) * w for t, w, d, g in zip(tensors, weights, densities, gammas, strict=True)
+    ]
+    if method == "breadcrumbs":
+        expected = base.double() + sum(bands)
+    else:
+        elected = torch.where(sum(bands) >= 0, 1.0, -1.0)
+        expected = base.double() + sum(b * (b.sign() == elected) for b in bands)
+    close(run(method, tensors, base, weight=weights, density=densities, gamma=gammas), expected)
+
+
+def kept_fraction_and_mean(method: str, density: float, **values: Any) -> tuple[float, float]:
+    base = torch.zeros(400_000)
+    delta = torch.full((400_000,), 2.0)
+    out = run(method, [delta], base, density=density, **values)
+    return float((out != 0).float().mean()), float(out.mean())
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_keeps_about_density_and_preserves_the_expectation(method: str) -> None:
+    kept, mean = kept_fraction_and_mean(method, 0.3)
+    assert abs(kept - 0.3) < 0.005  # 400k Bernoulli(0.3) draws: the standard error is 0.0007
+    assert abs(mean - 2.0) < 0.02
+    kept, mean = kept_fraction_and_mean(method, 0.3, rescale=False)
+    assert abs(mean - 0.6) < 0.01
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_keeps_about_density_and_preserves_the_expectation(method: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    delta = torch.rand(400_000, generator=generator) + 0.5
+    out = run(method, [delta], torch.zeros_like(delta), density=0.4, epsilon=0.2)
+    assert abs(float((out != 0).float().mean()) - 0.4) < 0.005
+    assert abs(float(out.mean()) / float(delta.mean()) - 1.0) < 0.02
+    # Larger entries are kept more often: keep rate rises from density - eps to density + eps.
+    order = torch.argsort(delta)
+    low, high = (out[order[:40_000]] != 0).float().mean(), (out[order[-40_000:]] != 0).float().mean()
+    assert abs(float(low) - 0.22) < 0.02 and abs(float(high) - 0.58) < 0.02
+
+
+def test_random_masks_are_reproducible_per_seed_tensor_and_ingredient() -> None:
+    base, *tensors = rand(3, seed=6)
+    first = run("dare_linear", tensors, base, density=0.5, seed=7)
+    assert torch.equal(first, run("dare_linear", tensors, base, density=0.5, seed=7))
+    assert not torch.equal(first, run("dare_linear", tensors, base, density=0.5, seed=8))
+    assert not torch.equal(first, run("dare_linear", tensors, base, density=0.5, seed=7, name="layers.1.w"))
+    # The two ingredients draw different masks even for the same tensor.
+    same = [tensors[0], tensors[0].clone()]
+    masks = [(run("dare_linear", same, base, density=0.5, weight=[1.0, 0.0]) - base) != 0 for _ in range(1)]
+    other = (run("dare_linear", same, base, density=0.5, weight=[0.0, 1.0]) - base) != 0
+    assert not torch.equal(masks[0], other)
+
+
+def test_large_tensors_rank_on_a_sample_and_stay_close_to_the_exact_density() -> None:
+    base, tensor = rand(2, seed=9, shape=(3_000_000,))
+    out = run("ties", [tensor], base, density=0.1)
+    assert abs(float((out != base).float().mean()) - 0.1) < 0.002
+
+
+# ---- spherical -------------------------------------------------------------------------------
+
+
+def test_slerp_matches_its_formula_and_returns_its_endpoints() -> None:
+    a, b = rand(2, seed=10)
+    close(run("slerp", [b], a, t=0.3), ref_slerp(0.3, a, b))
+    close(run("slerp", [a, b], t=0.7), ref_slerp(0.7, a, b))
+    close(run("slerp", [b], a, t=0.0), a.double(), rel=1e-6)
+    close(run("slerp", [b], a, t=1.0), b.double(), rel=1e-6)
+
+
+def test_slerp_falls_back_to_linear_for_nearly_colinear_tensors() -> None:
+    (a,) = rand(1, seed=11)
+    b = 2.0 * a + 1e-4 * rand(1, seed=12)[0]
+    close(run("slerp", [b], a, t=0.25), 0.75 * a.double() + 0.25 * b.double())
+
+
+def test_multislerp_of_two_equal_norm_models_is_the_slerp_midpoint() -> None:
+    a, b = (t / t.norm() * 3.0 for t in rand(2, seed=13))
+    close(run("multislerp", [a, b]), ref_slerp(0.5, a, b), rel=1e-5)
+
+
+def test_multislerp_matches_the_tangent_space_barycenter() -> None:
+    base, *tensors = rand(4, seed=14)
+    weights = [0.2, 0.3, 0.5]
+    vectors = [(t.double() - base.double()).reshape(-1) for t in tensors]
+    norms = [v.norm() for v in vectors]
+    units = [v / (n + 1e-8) for v, n in zip(vectors, norms, strict=True)]
+    mean = sum(w * u for w, u in zip(weights, units, strict=True))
+    point = mean / mean.norm()
+    tangent = sum(w * (u - (u @ point) * point) for w, u in zip(weights, units, strict=True))
+    r = tangent.norm() + 1e-8
+    direction = point * torch.cos(r) + tangent * torch.sin(r) / r
+    expected = (direction * sum(w * n for w, n in zip(weights, norms, strict=True))).reshape(SHAPE) + base.double()
+    close(run("multislerp", tensors, base, weight=weights), expected)
+
+
+def test_karcher_mean_of_two_unit_vectors_is_their_geodesic_midpoint() -> None:
+    a, b = (t / t.norm() for t in rand(2, seed=15))
+    close(run("karcher", [a, b], max_iter=50, tol=1e-9), ref_slerp(0.5, a, b), rel=1e-5)
+    close(run("karcher", [a, a.clone()]), a.double(), rel=1e-6)
+
+
+def test_karcher_mean_is_a_fixed_point_of_the_tangent_average() -> None:
+    tensors = rand(3, seed=16)
+    out = run("karcher", tensors, max_iter=100, tol=1e-10).double().reshape(-1)
+    point = out / out.norm()
+    step = torch.zeros_like(point)
+    for t in tensors:
+        u = t.double().reshape(-1) / t.double().norm()
+        cos = float((point @ u).clamp(-1, 1))
+        theta = math.acos(cos)
+        step += (u - cos * point) * (theta / math.sin(theta)) / 3
+    assert float(step.norm()) < 1e-5
+    assert abs(float(out.norm()) - sum(float(t.norm()) for t in tensors) / 3) < 1e-3
+
+
+# ---- others ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_its_closed_form(filter_wise: bool) -> None:
+    base, *tensors = rand(4, seed=17)
+    b = base.double()
+    rows = [(t.double() - b) for t in tensors]
+    if not filter_wise:
+        rows = [r.reshape(1, -1) for r in rows]
+    n = len(tensors)
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            cosines.append((rows[i] * rows[j]).sum(-1) / (rows[i].norm(dim=-1) * rows[j].norm(dim=-1)))
+    cos = sum(cosines) / len(cosines)
+    t = (n * cos / (1 + (n - 1) * cos)).unsqueeze(-1)
+    mean = sum(x.double() for x in tensors) / n
+    shape = (-1, SHAPE[-1]) if filter_wise else (1, -1)
+    expected = (t * mean.reshape(shape) + (1 - t) * b.reshape(shape)).reshape(SHAPE)
+    close(run("model_stock", tensors, base, filter_wise=filter_wise), expected)
+
+
+def test_nearswap_takes_the_other_model_where_it_is_near() -> None:
+    base, other = rand(2, seed=18)
+    diff = (base.double() - other.double()).abs()
+    weight = (0.4 / diff.clamp(min=1e-6)).clamp(0, 1)
+    close(run("nearswap", [other], base, t=0.4), weight * other.double() + (1 - weight) * base.double())
+
+
+def test_passthrough_scales_its_one_ingredient() -> None:
+    (tensor,) = rand(1, seed=19)
+    close(run("passthrough", [tensor], scale=0.5), 0.5 * tensor.double())
+
+
+# ---- every method, in 16-bit -----------------------------------------------------------------
+
+DETERMINISTIC = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "multislerp", "karcher"]
+DETERMINISTIC += ["model_stock", "nearswap", "passthrough"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_16_bit_inputs_accumulate_in_float32(method: str, dtype: torch.dtype) -> None:
+    """Feeding 16-bit tensors gives the float32 result of their exact (upcast) values."""
+    decl = DECLARATIONS[method]
+    count = decl.max_ingredients or 3
+    if method == "slerp":
+        count = 1
+    tensors = rand(count + 1, seed=20, dtype=dtype)
+    base = tensors.pop() if decl.base != "forbidden" else None
+    values = {"density": 0.5} if method in ("ties", "breadcrumbs", "breadcrumbs_ties") else {}
+    low = run(method, tensors, base, **values)
+    high = run(method, [t.float() for t in tensors], base.float() if base is not None else None, **values)
+    close(low, high.double(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(DECLARATIONS))
+def test_no_method_writes_into_its_inputs(method: str) -> None:
+    decl = DECLARATIONS[method]
+    count = 1 if method == "slerp" else (decl.max_ingredients or 3)
+    tensors = rand(count + 1, seed=21)
+    base = tensors.pop() if decl.base != "forbidden" else None
+    before = [t.clone() for t in tensors] + ([base.clone()] if base is not None else [])
+    values = {"density": 0.5} if "density" in decl.by_name else {}
+    run(method, tensors, base, **values)
+    after = tensors + ([base] if base is not None else [])
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
