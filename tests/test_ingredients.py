@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,46 @@ def test_the_merge_of_state_dicts_equals_the_hand_average(tmp_path: Path) -> Non
     for key, tensor in merged.items():
         assert tensor.dtype == torch.float32
         assert (tensor.double() - expected[key]).abs().max() < 1e-6, key
+
+
+def write_hf_directory(folder: Path, state: dict[str, torch.Tensor], kind: str) -> Path:
+    """A Hugging Face-style model directory: config.json plus weights, sharded or not."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "digits-mlp"}')
+    names = sorted(state)
+    if kind == "single":
+        save_file(state, str(folder / "model.safetensors"))
+    elif kind == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in halves.items():
+            save_file({k: state[k] for k in keys}, str(folder / shard))
+        weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["single", "sharded", "bin"])
+def test_hugging_face_model_directories_load_as_ingredients(tmp_path: Path, kind: str) -> None:
+    states = write_ingredients(tmp_path, 2)
+    write_hf_directory(tmp_path / "hf-model", states["ft-1"], kind)
+    document = digits_spec(["ft-0", "hf"])
+    document["ingredients"][1]["path"] = "hf-model"
+    merged = Kitchen(pool(), NullObserver()).merge(parse_spec(document, base_dir=tmp_path))
+    expected = hand_average(states, {"ft-0": 1, "ft-1": 1})
+    assert all((merged[k].double() - expected[k]).abs().max() < 1e-6 for k in expected)
+
+
+def test_broken_model_directories_are_named(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngredientMissing, match=r"empty\): directory has no model.safetensors"):
+        pool().load(ref(tmp_path / "empty"))
+    states = write_ingredients(tmp_path, 1)
+    folder = write_hf_directory(tmp_path / "sharded", states["ft-0"], "sharded")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(IngredientMissing, match=r"shard model-00002-of-00002.safetensors: file not found"):
+        pool().load(ref(folder))
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(IngredientCorrupt, match=r"model.safetensors.index.json is not a readable shard index"):
+        pool().load(ref(folder))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -53,8 +54,11 @@ class IngredientPool:
     def load(self, ref: IngredientRef) -> Ingredient:
         """Return the ingredient ``ref`` names, loading it unless identical content is pooled."""
         where = f"ingredient {ref.name!r} ({ref.path})"
-        data = _read(ref.path, where)
-        digest = hashlib.sha256(data).hexdigest()
+        files = checkpoint_files(Path(ref.path), where)
+        blobs = [_read(str(file), where if len(files) == 1 else f"{where} shard {file.name}") for file in files]
+        digests = [hashlib.sha256(blob).hexdigest() for blob in blobs]
+        # A single file's digest is its sha256; a sharded directory's is the sha256 of its shards' digests.
+        digest = digests[0] if len(files) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
         if ref.sha256 is not None and ref.sha256 != digest:
             raise IngredientCorrupt(f"{where}: sha256 is {digest}, the spec expects {ref.sha256}")
         with self._lock:
@@ -63,7 +67,13 @@ class IngredientPool:
             _log.info("%s: same content as %s, shared", where, pooled.path)
             return pooled
         started = time.perf_counter()
-        tensors = _decode(data, ref.path, where)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, blob in zip(files, blobs, strict=True):
+            shard = _decode(blob, str(file), where if len(files) == 1 else f"{where} shard {file.name}")
+            clash = next((name for name in shard if name in tensors), None)
+            if clash is not None:
+                raise IngredientCorrupt(f"{where}: tensor {clash!r} appears in more than one shard")
+            tensors.update(shard)
         _check_finite(tensors, where)
         on_device = {name: tensor.to(self.device) for name, tensor in tensors.items()}
         ingredient = Ingredient(
@@ -87,13 +97,38 @@ class IngredientPool:
         return ingredient
 
 
+def checkpoint_files(path: Path, where: str) -> list[Path]:
+    """The files of a checkpoint: the file itself, or a Hugging Face model directory's weights.
+
+    A directory holds ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+    (read with ``weights_only``) ``pytorch_model.bin`` or its sharded index; safetensors win.
+    """
+    if not path.is_dir():
+        return [path]
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise IngredientCorrupt(f"{where}: {index_name} is not a readable shard index: {exc}") from None
+            return [path / shard for shard in shards]
+        if (path / single).is_file():
+            return [path / single]
+    raise IngredientMissing(
+        f"{where}: directory has no model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index"
+    )
+
+
 def _read(path: str, where: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise IngredientMissing(f"{where}: file not found") from None
-    except IsADirectoryError:
-        raise IngredientMissing(f"{where}: is a directory, expected a checkpoint file") from None
     except OSError as exc:
         raise IngredientMissing(f"{where}: cannot read: {exc.strerror or exc}") from None
 
