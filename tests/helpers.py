@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from tureen.app import App, Settings
 from tureen.demo.models import DigitsMLP
-from tureen.spec import SoupSpec, load_spec
+from tureen.spec import SoupSpec
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -85,10 +85,6 @@ def running_app(specs: list[SoupSpec], build: bool = True, sources: list[str] | 
         yield app
     finally:
         app.stop(grace=0.5)
-
-
-def spec_at(path: Path) -> SoupSpec:
-    return load_spec(path)
 
 
 @contextmanager

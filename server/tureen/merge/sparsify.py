@@ -23,16 +23,6 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def magnitude_sample(delta: torch.Tensor, seed: int) -> torch.Tensor:
-    """|delta| itself when small, else a fixed-size random sample of it (float32, flat)."""
-    flat = delta.reshape(-1)
-    if flat.numel() <= SAMPLE:
-        return flat.float().abs()
-    generator = torch.Generator(device=flat.device).manual_seed(seed)
-    index = torch.randint(flat.numel(), (SAMPLE,), generator=generator, device=flat.device)
-    return flat[index].float().abs()
-
-
 def kth_smallest(sample: torch.Tensor, k: int) -> float:
     """The k-th smallest value (1-based); -inf for k <= 0, so "> threshold" keeps everything."""
     if k <= 0:
