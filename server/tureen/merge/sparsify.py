@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLE = 1 << 20
+SAMPLE = 1 << 16
 """Entries a threshold is estimated from; tensors this small or smaller are ranked exactly."""
 
 
