@@ -105,10 +105,6 @@ def main() -> None:
         row("linear", 4, dtype, args, device)
     for method in ("task_arithmetic", "ties", "dare_ties"):
         row(method, 4, torch.float32, args, device)
-    try:
-        import mergekit  # noqa: F401
-    except ImportError:
-        print("mergekit is not installed: no mergekit row")
 
 
 if __name__ == "__main__":

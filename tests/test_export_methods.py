@@ -48,12 +48,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def export(folder: Path, method: str, name: str) -> dict[str, torch.Tensor]:
+    """Run `tureen merge` on the spec for ``method`` and read back what it wrote."""
+    spec = write_spec(folder, spec_for(method), f"{name}.yaml")
+    out = folder / f"{name}.safetensors"
+    assert main(["--log-level", "warning", "merge", str(spec), "-o", str(out)]) == 0
+    return load_file(str(out))
+
+
 @pytest.mark.parametrize("method", sorted(DECLARATIONS))
 def test_tureen_merge_writes_every_method(folder: Path, method: str) -> None:
-    spec = write_spec(folder, spec_for(method), f"{method}.yaml")
-    out = folder / f"{method}.safetensors"
-    assert main(["--log-level", "warning", "merge", str(spec), "-o", str(out)]) == 0
-    merged = load_file(str(out))
+    merged = export(folder, method, method)
     ingredient = load_file(str(folder / "ft-0.safetensors"))
     assert set(merged) == set(ingredient)
     for key, tensor in merged.items():
@@ -62,10 +67,7 @@ def test_tureen_merge_writes_every_method(folder: Path, method: str) -> None:
 
 
 def test_the_exported_ties_merge_matches_the_reference(folder: Path) -> None:
-    spec = write_spec(folder, spec_for("ties"), "ties-ref.yaml")
-    out = folder / "ties-ref.safetensors"
-    assert main(["--log-level", "warning", "merge", str(spec), "-o", str(out)]) == 0
-    merged = load_file(str(out))
+    merged = export(folder, "ties", "ties-ref")
     base = load_file(str(folder / "base-0.safetensors"))
     tensors = [load_file(str(folder / f"ft-{i}.safetensors")) for i in range(3)]
     for key in ("net.0.bias", "net.4.weight"):
@@ -74,10 +76,7 @@ def test_the_exported_ties_merge_matches_the_reference(folder: Path) -> None:
 
 
 def test_slerp_gradients_follow_the_layers(folder: Path) -> None:
-    out = folder / "slerp.safetensors"
-    if not out.exists():
-        test_tureen_merge_writes_every_method(folder, "slerp")
-    merged = load_file(str(out))
+    merged = export(folder, "slerp", "slerp-gradient")
     base, other = load_file(str(folder / "base-0.safetensors")), load_file(str(folder / "ft-0.safetensors"))
     # net.0 is the first layer (t = 0.2) and net.4 the last (t = 0.8): the merge leans accordingly.
     for key, t in (("net.0.weight", 0.2), ("net.4.weight", 0.8)):

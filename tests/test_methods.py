@@ -178,9 +178,9 @@ def test_random_masks_are_reproducible_per_seed_tensor_and_ingredient() -> None:
     assert not torch.equal(first, run("dare_linear", tensors, base, density=0.5, seed=7, name="layers.1.w"))
     # The two ingredients draw different masks even for the same tensor.
     same = [tensors[0], tensors[0].clone()]
-    masks = [(run("dare_linear", same, base, density=0.5, weight=[1.0, 0.0]) - base) != 0 for _ in range(1)]
-    other = (run("dare_linear", same, base, density=0.5, weight=[0.0, 1.0]) - base) != 0
-    assert not torch.equal(masks[0], other)
+    first_mask = (run("dare_linear", same, base, density=0.5, weight=[1.0, 0.0]) - base) != 0
+    second_mask = (run("dare_linear", same, base, density=0.5, weight=[0.0, 1.0]) - base) != 0
+    assert not torch.equal(first_mask, second_mask)
 
 
 def test_large_tensors_rank_on_a_sample_and_stay_close_to_the_exact_density() -> None:

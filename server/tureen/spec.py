@@ -228,24 +228,32 @@ def _merge_references(merge: MergeSpec, names: list[str]) -> list[tuple[str, str
         if override.ingredient is not None and override.ingredient not in mixed:
             problems.append((f"merge.overrides[{i}].ingredient", f"no ingredient named {override.ingredient!r} besides the base"))
     if merge.weights is not None:
-        if "weight" not in method.by_name:
-            problems.append(("merge.weights", f"method {method.name!r} takes no weights"))
-        for name, weight in merge.weights.items():
-            if name not in names:
-                problems.append((f"merge.weights.{name}", f"no ingredient named {name!r}"))
-            elif name == merge.base:
-                problems.append((f"merge.weights.{name}", "the base ingredient takes no weight"))
-            elif (problem := method.by_name["weight"].problem(weight) if "weight" in method.by_name else None) is not None:
-                problems.append((f"merge.weights.{name}", problem))
-        for name in mixed:
-            if name not in merge.weights:
-                problems.append(("merge.weights", f"no weight for ingredient {name!r} (give all or none)"))
-        normalize = merge.parameters.get(
-            "normalize", method.by_name["normalize"].default if "normalize" in method.by_name else False
-        )
-        scalars = [merge.weights[name] for name in mixed if name in merge.weights]
-        if normalize and not problems and all(isinstance(w, int | float) for w in scalars) and sum(scalars) == 0:  # type: ignore[arg-type]
-            problems.append(("merge.weights", "weights sum to 0 and cannot be normalized (or set parameters.normalize: false)"))
+        problems += _weight_problems(merge, method, names, mixed)
+    return problems
+
+
+def _weight_problems(merge: MergeSpec, method: MethodDecl, names: list[str], mixed: list[str]) -> list[tuple[str, str]]:
+    """``merge.weights`` names every non-base ingredient once, with acceptable values."""
+    weights = merge.weights or {}
+    param = method.by_name.get("weight")
+    if param is None:
+        return [("merge.weights", f"method {method.name!r} takes no weights")]
+    problems = []
+    for name, weight in weights.items():
+        if name not in names:
+            problems.append((f"merge.weights.{name}", f"no ingredient named {name!r}"))
+        elif name == merge.base:
+            problems.append((f"merge.weights.{name}", "the base ingredient takes no weight"))
+        elif (problem := param.problem(weight)) is not None:
+            problems.append((f"merge.weights.{name}", problem))
+    problems += [("merge.weights", f"no weight for ingredient {n!r} (give all or none)") for n in mixed if n not in weights]
+    if problems:
+        return problems
+    normalize_param = method.by_name.get("normalize")
+    normalize = merge.parameters.get("normalize", normalize_param.default if normalize_param else False)
+    scalars = [weights[n] for n in mixed]
+    if normalize and all(isinstance(w, int | float) for w in scalars) and sum(scalars) == 0:  # type: ignore[arg-type]
+        problems.append(("merge.weights", "weights sum to 0 and cannot be normalized (or set parameters.normalize: false)"))
     return problems
 
 
