@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import threading
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the merged .safetensors")
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
     merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
+
+    spec = commands.add_parser("spec", help="work with soup specs")
+    spec_commands = spec.add_subparsers(dest="spec_command", required=True, metavar="SPEC_COMMAND")
+    convert = spec_commands.add_parser("from-mergekit", help="convert a mergekit config (the 'models' form) into a Tureen spec")
+    convert.add_argument("config", metavar="CONFIG.yml", help="a mergekit YAML config")
+    convert.add_argument("-o", "--output", metavar="OUT", help="write the spec here instead of standard output")
+    convert.add_argument("--model", help="the model name clients will call (default: the config's file name)")
+    convert.add_argument("--json", action="store_true", help="write JSON instead of YAML")
     return parser
 
 
@@ -90,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return int(_serve(args) if args.command == "serve" else _merge(args))
+        commands = {"serve": _serve, "merge": _merge, "spec": _spec}
+        return int(commands[args.command](args))
     except (SoupError, OSError) as exc:
         print(f"tureen: error: {exc}", file=sys.stderr)
         return 1
@@ -190,4 +200,33 @@ def _merge(args: argparse.Namespace) -> int:
             f"{args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
             f"{spec.dtype}, {summary['seconds']} s"
         )
+    return 0
+
+
+def _spec(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tureen.mergekit_config import from_mergekit, missing_paths
+
+    path = Path(args.config)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SoupError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SoupError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(config, dict):
+        raise SoupError(f"{path}: expected a mapping at the top level")
+    model = args.model or re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)
+    spec, notes = from_mergekit(config, model, source=str(path))
+    document = spec.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+    document["apiVersion"] = spec.api_version
+    text = json.dumps(document, indent=2) if args.json else yaml.safe_dump(document, sort_keys=False)
+    header = f"# Converted by `tureen spec from-mergekit {path.name}`. Add `architecture` to serve it.\n"
+    if args.output:
+        Path(args.output).write_text(("" if args.json else header) + text)
+    else:
+        print(("" if args.json else header) + text, end="")
+    for note in [*notes, *missing_paths(spec, Path(args.output).parent if args.output else Path.cwd())]:
+        print(f"tureen: note: {note}", file=sys.stderr)
     return 0
