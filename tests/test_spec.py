@@ -86,6 +86,12 @@ def test_weights_must_cover_every_ingredient() -> None:
         ({"merge": {"weights": {"a": 0}}}, "merge.weights: weights sum to 0 and cannot be normalized"),
         ({"architecture": {"factory": "no-colon"}}, "architecture.factory: String should match pattern"),
         ({"architecture": {"factory": "m:f", "kwarg": {}}}, "architecture.kwarg: unknown field"),
+        (
+            {"architecture": {"factory": "m:f", "huggingface": "d"}},
+            "architecture.factory: give exactly one of factory or huggingface",
+        ),
+        ({"architecture": {"huggingface": "d", "kwargs": {"x": 1}}}, "architecture.kwargs: kwargs go with factory"),
+        ({"architecture": {"huggingface": "d", "task": "vision"}}, "architecture.task: Input should be 'causal-lm'"),
     ],
 )
 def test_each_problem_names_its_field(change: dict[str, Any], expected: str) -> None:

@@ -99,10 +99,21 @@ class Interface(_Frozen):
 
 
 class Architecture(_Frozen):
-    """How to build the ``nn.Module`` the merged weights go into."""
+    """How to build the ``nn.Module`` the merged weights go into: a factory, or a HF config."""
 
-    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
     kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
+    huggingface: str | None = Field(default=None, min_length=1)
+    """A directory with a Hugging Face ``config.json`` (relative to the spec file)."""
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Architecture:
+        if (self.factory is None) == (self.huggingface is None):
+            raise FieldProblems([("factory", "give exactly one of factory or huggingface")])
+        if self.huggingface is not None and self.kwargs:
+            raise FieldProblems([("kwargs", "kwargs go with factory; a huggingface model reads its config.json")])
+        return self
 
 
 ParamValue = StrictBool | int | float | str | list[float]
@@ -320,6 +331,9 @@ def _join(prefix: str, field: str) -> str:
 
 def _resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     resolved = dict(data)
+    architecture = resolved.get("architecture")
+    if isinstance(architecture, Mapping) and isinstance(architecture.get("huggingface"), str):
+        resolved["architecture"] = {**architecture, "huggingface": str(base_dir / architecture["huggingface"])}
     ingredients = resolved.get("ingredients")
     if isinstance(ingredients, list):
         resolved["ingredients"] = [

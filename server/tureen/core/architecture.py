@@ -15,7 +15,13 @@ from tureen.spec import Architecture, Interface, SoupSpec, describe
 
 
 def resolve_factory(arch: Architecture) -> Callable[..., Any]:
-    """Import ``module:callable`` without calling it."""
+    """Import ``module:callable`` without calling it (a HF config's builder for ``huggingface``)."""
+    if arch.huggingface is not None:
+        from tureen.core import huggingface
+
+        directory, task = arch.huggingface, arch.task
+        return lambda: huggingface.build(directory, task)
+    assert arch.factory is not None  # the spec validates that one of the two is given
     module_name, _, attr_path = arch.factory.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -37,11 +43,36 @@ def instantiate(arch: Architecture, device: torch.device | str) -> nn.Module:
     try:
         with torch.device(device):
             module = factory(**arch.kwargs)
+    except ArchitectureError:
+        raise
     except Exception as exc:
         raise ArchitectureError(f"architecture: {arch.factory}(**{arch.kwargs}) failed: {exc}") from None
     if not isinstance(module, nn.Module):
         raise ArchitectureError(f"architecture.factory: {arch.factory!r} returned {type(module).__name__}, not an nn.Module")
     return module
+
+
+def aliases(module: nn.Module) -> dict[str, str]:
+    """Parameter names that are a second name for another parameter (tied embeddings), mapped to
+    the first name.
+
+    Checkpoints store such a tensor once (Hugging Face drops ``lm_head.weight`` when it is tied
+    to the input embeddings), so they are not expected from the ingredients.
+    """
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(parameter), name)
+        if canonical != name:
+            tied[name] = canonical
+    return tied
+
+
+def retie(module: nn.Module, tied: dict[str, str]) -> None:
+    """Point each alias at its canonical parameter again, after assignment replaced that one."""
+    for alias, canonical in tied.items():
+        owner_name, _, leaf = alias.rpartition(".")
+        setattr(module.get_submodule(owner_name), leaf, module.get_parameter(canonical))
 
 
 def interface_of(spec: SoupSpec, module: nn.Module) -> Interface:

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from tureen.core.architecture import instantiate, interface_of
+from tureen.core.architecture import aliases, instantiate, interface_of, retie
 from tureen.core.blends import Blend
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient, IngredientPool
@@ -55,7 +55,8 @@ class Kitchen:
         skeleton = instantiate(spec.architecture, "meta")
         signature = Signature(interface_of(spec, skeleton))
         ingredients = self.load(spec)
-        check_compatible(spec, ingredients, skeleton.state_dict())
+        tied = aliases(skeleton)
+        check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
         merged = mix(spec, ingredients)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
         blend = Blend(
@@ -83,7 +84,12 @@ def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torc
     module = skeleton
     if any(name not in persistent for name, _ in skeleton.named_buffers()):
         module = instantiate(arch, device)
-    module.load_state_dict(merged, strict=True, assign=True)
+    tied = aliases(module)
+    result = module.load_state_dict(merged, strict=False, assign=True)
+    unexpected = list(result.unexpected_keys) + [k for k in result.missing_keys if k not in tied]
+    if unexpected:
+        raise ArchitectureError(f"architecture: the merged state does not fit the module at {unexpected[0]!r}")
+    retie(module, tied)  # assignment replaced the shared parameter; its other names follow it again
     leftovers = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if leftovers:
         raise ArchitectureError(f"architecture: tensor {leftovers[0]!r} was not filled by the merge")
