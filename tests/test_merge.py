@@ -55,3 +55,12 @@ def test_the_registry_is_explicit_and_lookups_name_what_exists() -> None:
     assert set(REGISTRY) == set(DECLARATIONS)
     with pytest.raises(ValueError, match=r"unknown merge method 'tiez' \(known: breadcrumbs, .*ties"):
         lookup("tiez")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_and_the_output_dtype_change_nothing_but_the_final_rounding(dtype: torch.dtype) -> None:
+    inputs = tensors(3, dtype, shape=(101, 7))
+    weights = [0.2, 0.5, 0.3]
+    whole = linear(inputs, weights)
+    assert torch.equal(linear(inputs, weights, chunk=13), whole)
+    assert torch.equal(linear(inputs, weights, out_dtype=torch.bfloat16, chunk=13), whole.to(torch.bfloat16))

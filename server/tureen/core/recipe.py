@@ -83,6 +83,7 @@ def mix(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> dict[str, torc
                 base=ingredients[spec.merge.base].tensors[key] if spec.merge.base else None,
                 glob=glob,
                 per=per,
+                out_dtype=out_dtype,
             )
             try:
                 merged[key] = method.combine(job).to(out_dtype)

@@ -1,7 +1,8 @@
 """The one explicit registry: each declared method paired with the function that merges a tensor.
 
 A function receives a ``TensorJob``: one tensor's versions from the ingredients, the base's
-version, and the parameter values already resolved for this tensor. It returns float32.
+version, and the parameter values already resolved for this tensor. It returns float32, or
+the job's ``out_dtype`` when it can round there itself without another pass.
 Adding a method means a declaration in ``methods.py`` and one line in ``REGISTRY`` below;
 nothing registers itself on import.
 """
@@ -34,6 +35,8 @@ class TensorJob:
     """Global parameter values for this tensor."""
     per: Mapping[str, Sequence[Any]]
     """Per-ingredient parameter values for this tensor, aligned with ``tensors``."""
+    out_dtype: torch.dtype = torch.float32
+    """The blend's dtype; a method may return it directly instead of float32 to save a pass."""
 
 
 Combine = Callable[[TensorJob], torch.Tensor]
@@ -110,7 +113,7 @@ def _endpoints(job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FUNCTIONS: Mapping[str, Combine] = {
-    "linear": lambda job: linear(job.tensors, job.per["weight"], normalize=job.glob["normalize"]),
+    "linear": lambda job: linear(job.tensors, job.per["weight"], normalize=job.glob["normalize"], out_dtype=job.out_dtype),
     "task_arithmetic": _task_vectors(None, signs=False),
     "ties": _task_vectors("magnitude", signs=True),
     "dare_linear": _task_vectors("random", signs=False),
