@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-
 CHUNK = 1 << 18
 """Elements per step: the float32 accumulator of one chunk (1 MiB) stays in cache while every
 ingredient's slice is added to it, so each input is read from memory once and the output
