@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from tureen.app import App, Settings
 from tureen.demo.models import DigitsMLP
+from tureen.merge.methods import DECLARATIONS
+from tureen.merge.registry import REGISTRY, TensorJob
 from tureen.spec import SoupSpec
 
 TESTS = Path(__file__).resolve().parent
@@ -135,3 +137,24 @@ def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subp
                 process.kill()
                 process.wait()
         reader.join(timeout=5)
+
+
+def combine(
+    method: str,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None = None,
+    name: str = "layers.0.w",
+    compiled: bool = False,
+    **values: Any,
+) -> torch.Tensor:
+    """Call the registered method on one tensor the way the recipe does, with defaults filled in."""
+    decl = DECLARATIONS[method]
+    glob = {p.name: values.get(p.name, p.default) for p in decl.params if not p.per_ingredient}
+    per = {}
+    for p in decl.params:
+        if p.per_ingredient:
+            given = values.get(p.name, p.default)
+            per[p.name] = list(given) if isinstance(given, list) else [given] * len(tensors)
+    names = [f"ing-{i}" for i in range(len(tensors))]
+    job = TensorJob(name=name, tensors=tensors, ingredients=names, base=base, glob=glob, per=per, compiled=compiled)
+    return REGISTRY[method].combine(job)

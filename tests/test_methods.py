@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import combine
 from tureen.merge.methods import DECLARATIONS
-from tureen.merge.registry import REGISTRY, TensorJob
 
 SHAPE = (24, 17)
 
@@ -26,17 +26,8 @@ def rand(count: int, seed: int = 0, dtype: torch.dtype = torch.float32, shape: t
 def run(
     method: str, tensors: list[torch.Tensor], base: torch.Tensor | None = None, name: str = "layers.0.w", **values: Any
 ) -> torch.Tensor:
-    """Call the registered method the way the kitchen does, with defaults filled in."""
-    decl = DECLARATIONS[method]
-    glob = {p.name: values.get(p.name, p.default) for p in decl.params if not p.per_ingredient}
-    per = {}
-    for p in decl.params:
-        if p.per_ingredient:
-            given = values.get(p.name, p.default)
-            per[p.name] = list(given) if isinstance(given, list) else [given] * len(tensors)
-    names = [f"ing-{i}" for i in range(len(tensors))]
-    job = TensorJob(name=name, tensors=tensors, ingredients=names, base=base, glob=glob, per=per)
-    out = REGISTRY[method].combine(job)
+    """The registered method on one tensor, checked to return float32 of the input's shape."""
+    out = combine(method, tensors, base, name, **values)
     assert out.dtype == torch.float32 and out.shape == tensors[0].shape
     return out
 
@@ -186,7 +177,9 @@ def test_random_masks_are_reproducible_per_seed_tensor_and_ingredient() -> None:
 def test_large_tensors_rank_on_a_sample_and_stay_close_to_the_exact_density() -> None:
     base, tensor = rand(2, seed=9, shape=(3_000_000,))
     out = run("ties", [tensor], base, density=0.1)
-    assert abs(float((out != base).float().mean()) - 0.1) < 0.002
+    # The threshold is a quantile of 32768 sampled entries: its rank is off by about
+    # sqrt(0.1 * 0.9 / 32768) = 0.0017 of the tensor; allow four of those.
+    assert abs(float((out != base).float().mean()) - 0.1) < 0.007
 
 
 # ---- spherical -------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
 from tureen.errors import SoupError, SpecInvalid
+from tureen.merge.kernels import Kernels
 from tureen.observability import PrometheusObserver, serve_metrics, stop_metrics
 from tureen.spec import SoupSpec
 from tureen.transport.server import Endpoint, create_server
@@ -34,6 +35,7 @@ class Settings:
     device: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 8
+    merge_kernels: Kernels = "auto"
 
 
 class App:
@@ -53,7 +55,7 @@ class App:
         self.metrics = PrometheusObserver()
         observer = SafeObserver(self.metrics)
         self.pool = IngredientPool(self.device, observer)
-        self.kitchen = Kitchen(self.pool, observer)
+        self.kitchen = Kitchen(self.pool, observer, settings.merge_kernels)
         self.repository = BlendRepository(observer)
         self.engine = Engine(self.repository, observer)
         for spec in self.specs:

@@ -20,6 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from tureen.core.memory import carve
 from tureen.core.observer import Observer
 from tureen.errors import IngredientCorrupt, IngredientMissing
 from tureen.spec import IngredientRef
@@ -75,7 +76,11 @@ class IngredientPool:
                 raise IngredientCorrupt(f"{where}: tensor {clash!r} appears in more than one shard")
             tensors.update(shard)
         _check_finite(tensors, where)
-        on_device = {name: tensor.to(self.device) for name, tensor in tensors.items()}
+        # One buffer per ingredient, tensors in name order: ingredients of one architecture are
+        # then laid out alike, and a merge can take runs of tensors as one (``memory.span``).
+        on_device = carve(((name, tensors[name].shape, tensors[name].dtype) for name in sorted(tensors)), self.device)
+        for name, tensor in on_device.items():
+            tensor.copy_(tensors.pop(name))  # each decoded tensor is freed once copied
         ingredient = Ingredient(
             digest=digest,
             path=ref.path,

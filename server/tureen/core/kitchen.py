@@ -21,6 +21,7 @@ from tureen.core.observer import Observer
 from tureen.core.recipe import check_compatible, mix
 from tureen.core.signature import Signature
 from tureen.errors import ArchitectureError, SoupError, SpecInvalid
+from tureen.merge.kernels import Kernels
 from tureen.spec import Architecture, SoupSpec
 
 _log = logging.getLogger("tureen.kitchen")
@@ -29,9 +30,11 @@ _log = logging.getLogger("tureen.kitchen")
 class Kitchen:
     """Builds blends from specs with ingredients from one pool (and so on one device)."""
 
-    def __init__(self, pool: IngredientPool, observer: Observer) -> None:
+    def __init__(self, pool: IngredientPool, observer: Observer, kernels: Kernels = "auto") -> None:
+        """``kernels``: merge with the compiled kernels, eagerly, or as the merge's size suggests."""
         self.pool = pool
         self._observer = observer
+        self.kernels: Kernels = kernels
 
     def load(self, spec: SoupSpec) -> dict[str, Ingredient]:
         """Load (or find pooled) every ingredient of ``spec``, by ingredient name."""
@@ -45,7 +48,7 @@ class Kitchen:
         """The merged state dict alone, checked across ingredients only (no architecture needed)."""
         ingredients = self.load(spec)
         check_compatible(spec, ingredients)
-        return mix(spec, ingredients)
+        return mix(spec, ingredients, kernels=self.kernels)
 
     def build(self, spec: SoupSpec, version: int) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong."""
@@ -57,7 +60,7 @@ class Kitchen:
         ingredients = self.load(spec)
         tied = aliases(skeleton)
         check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
-        merged = mix(spec, ingredients)
+        merged = mix(spec, ingredients, kernels=self.kernels)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
         blend = Blend(
             model=spec.model,

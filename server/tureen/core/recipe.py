@@ -14,12 +14,18 @@ import torch
 
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient
+from tureen.core.memory import carve, span
 from tureen.core.parameters import ParameterPlan
 from tureen.errors import IngredientMismatch, MergeError
+from tureen.merge.kernels import Kernels
 from tureen.merge.registry import TensorJob, lookup
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.recipe")
+
+AUTO_COMPILE_BYTES = 8 << 30
+"""Under ``kernels="auto"``, CPU merges reading at least this much use the compiled kernels:
+compiling takes seconds per kind of merge, which a smaller merge would not win back."""
 
 
 def check_compatible(
@@ -57,13 +63,22 @@ def check_compatible(
                 raise IngredientMismatch(f"{where}: tensor {key!r} is {tensor.dtype}, {against} has {want.dtype}")
 
 
-def mix(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> dict[str, torch.Tensor]:
+def mix(
+    spec: SoupSpec,
+    ingredients: Mapping[str, Ingredient],
+    *,
+    kernels: Kernels = "auto",
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Merge the ingredients' tensors by the spec's method into the spec's dtype.
 
     Floating tensors are merged in float32 with parameters resolved per tensor (see
-    ``tureen.core.parameters``) and cast once at the end. Integer and bool tensors (step
-    counters, index buffers) are never averaged: they must agree across all ingredients and
-    are taken from the base, or the first ingredient when there is no base.
+    ``tureen.core.parameters``) and rounded once into the blend. Integer and bool tensors
+    (step counters, index buffers) are never averaged: they must agree across all ingredients
+    and are taken from the base, or the first ingredient when there is no base.
+
+    The blend's tensors are views of one fresh flat buffer (``tureen.core.memory``), or the
+    tensors of ``into`` (a retired blend of the same layout) when given.
     """
     started = time.perf_counter()
     method = lookup(spec.merge.method)
@@ -72,38 +87,89 @@ def mix(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> dict[str, torc
     plan = ParameterPlan(spec, list(reference))
     names = [i.name for i in plan.mixed]
     out_dtype = BLEND_DTYPES[spec.dtype]
-    merged: dict[str, torch.Tensor] = {}
-    for done, (key, model_tensor) in enumerate(reference.items(), start=1):
-        if model_tensor.is_floating_point():
-            glob, per = plan.for_tensor(key)
-            job = TensorJob(
-                name=key,
-                tensors=[ingredients[name].tensors[key] for name in names],
-                ingredients=names,
-                base=ingredients[spec.merge.base].tensors[key] if spec.merge.base else None,
-                glob=glob,
-                per=per,
-                out_dtype=out_dtype,
-            )
-            try:
-                merged[key] = method.combine(job).to(out_dtype)
-            except ValueError as exc:
-                raise MergeError(f"merge ({method.decl.name}): tensor {key!r}: {exc}") from None
-        else:
+    layout = [(key, t.shape, out_dtype if t.is_floating_point() else t.dtype) for key, t in reference.items()]
+    merged = dict(into) if into is not None else carve(layout, next(iter(reference.values())).device)
+    if into is not None and [(k, t.shape, t.dtype) for k, t in merged.items()] != layout:
+        raise ValueError("mix: the buffer to merge into has another layout than the blend")
+    compiled = _use_compiled(kernels, spec, ingredients)
+    base = ingredients[spec.merge.base].tensors if spec.merge.base else None
+    done = 0
+    for group in _groups(reference, plan, method.elementwise):
+        key = group[0]
+        if not reference[key].is_floating_point():
             _check_agree(spec, ingredients, key, source)
-            merged[key] = model_tensor.clone()
-        if done % 100 == 0:
-            _log.info("merging: %d/%d tensors", done, len(reference))
+            merged[key].copy_(reference[key])
+        else:
+            glob, per = plan.for_tensor(key)
+            columns = [[ingredients[name].tensors[k] for k in group] for name in names]
+            if base is not None:
+                columns.append([base[k] for k in group])
+            columns.append([merged[k] for k in group])
+            for label, row in _rows(group, columns):
+                job = TensorJob(
+                    name=label,
+                    tensors=row[: len(names)],
+                    ingredients=names,
+                    base=row[len(names)] if base is not None else None,
+                    glob=glob,
+                    per=per,
+                    out=row[-1],
+                    compiled=compiled,
+                )
+                try:
+                    result = method.combine(job)
+                except ValueError as exc:
+                    raise MergeError(f"merge ({method.decl.name}): tensor {label!r}: {exc}") from None
+                if result is not row[-1]:
+                    row[-1].copy_(result)
+        if (done + len(group)) // 100 > done // 100:
+            _log.info("merging: %d/%d tensors", done + len(group), len(reference))
+        done += len(group)
     parameters = sum(t.numel() for t in merged.values())
     _log.info(
-        "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s",
+        "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s (%s kernels)",
         len(merged),
         parameters / 1e6,
         len(spec.ingredients),
         method.decl.name,
         time.perf_counter() - started,
+        "compiled" if compiled else "eager",
     )
     return merged
+
+
+def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementwise: bool) -> list[list[str]]:
+    """Tensor names in order, consecutive floating tensors with equal parameters grouped when
+    the method is elementwise (such a group may merge as one long tensor, see ``_rows``)."""
+    groups: list[list[str]] = []
+    last = None
+    for key, tensor in reference.items():
+        values = plan.for_tensor(key) if tensor.is_floating_point() and elementwise else None
+        if values is not None and values == last and groups:
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+        last = values
+    return groups
+
+
+def _rows(group: list[str], columns: list[list[torch.Tensor]]) -> list[tuple[str, list[torch.Tensor]]]:
+    """The jobs of a group: one over flat views when every column (ingredients, base, blend)
+    lays the group's tensors out alike in one buffer, else one per tensor."""
+    if len(group) > 1:
+        spans = [span(column) for column in columns]
+        if all(s is not None and s[1] == spans[0][1] for s in spans):  # type: ignore[index]
+            return [(f"{group[0]} .. {group[-1]} ({len(group)} tensors)", [s[0] for s in spans])]  # type: ignore[index]
+    return [(key, [column[i] for column in columns]) for i, key in enumerate(group)]
+
+
+def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> bool:
+    if kernels != "auto":
+        return kernels == "compiled"
+    first = next(iter(ingredients[spec.ingredients[0].name].tensors.values()), None)
+    if first is None or first.device.type != "cpu":
+        return False  # on GPUs the compiled kernels are opt-in: not yet measured against eager there
+    return sum(ingredients[ref.name].nbytes for ref in spec.ingredients) >= AUTO_COMPILE_BYTES
 
 
 def _check_agree(spec: SoupSpec, ingredients: Mapping[str, Ingredient], key: str, source: str) -> None:

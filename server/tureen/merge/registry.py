@@ -1,8 +1,9 @@
 """The one explicit registry: each declared method paired with the function that merges a tensor.
 
 A function receives a ``TensorJob``: one tensor's versions from the ingredients, the base's
-version, and the parameter values already resolved for this tensor. It returns float32, or
-the job's ``out_dtype`` when it can round there itself without another pass.
+version, and the parameter values already resolved for this tensor. It returns the merged
+tensor: the job's ``out`` when it wrote there directly, else a float32 tensor that the caller
+rounds into ``out``.
 Adding a method means a declaration in ``methods.py`` and one line in ``REGISTRY`` below;
 nothing registers itself on import.
 """
@@ -18,7 +19,7 @@ import torch
 from tureen.merge import others, spherical
 from tureen.merge.linear import linear
 from tureen.merge.methods import DECLARATIONS, MethodDecl
-from tureen.merge.sparsify import SAMPLE, Magnitude, Outliers, Random, Ranked, stable_seed
+from tureen.merge.sparsify import SAMPLE, Magnitude, Outliers, Random, Ranked, sample_index, stable_seed32
 from tureen.merge.task_vectors import Sparsifier, task_vector_merge
 
 
@@ -35,8 +36,10 @@ class TensorJob:
     """Global parameter values for this tensor."""
     per: Mapping[str, Sequence[Any]]
     """Per-ingredient parameter values for this tensor, aligned with ``tensors``."""
-    out_dtype: torch.dtype = torch.float32
-    """The blend's dtype; a method may return it directly instead of float32 to save a pass."""
+    out: torch.Tensor | None = None
+    """Where the blend's tensor goes; a method that writes it there saves the caller a copy."""
+    compiled: bool = False
+    """Whether the fused kernels of ``tureen.merge.kernels`` may be used."""
 
 
 Combine = Callable[[TensorJob], torch.Tensor]
@@ -46,6 +49,10 @@ Combine = Callable[[TensorJob], torch.Tensor]
 class Method:
     decl: MethodDecl
     combine: Combine
+    elementwise: bool = False
+    """Each output entry depends only on the same entry of the inputs and on the parameters (no
+    per-tensor statistics, no per-tensor seeds): tensors with equal parameters may be merged
+    as one long tensor."""
 
 
 def _base(job: TensorJob) -> torch.Tensor:
@@ -54,31 +61,31 @@ def _base(job: TensorJob) -> torch.Tensor:
     return job.base
 
 
-def _sample(job: TensorJob, i: int) -> torch.Tensor:
-    """|theta_i - base| for ranking: exact for small tensors, a fixed random sample for large."""
-    tensor, base = job.tensors[i].reshape(-1), _base(job).reshape(-1)
-    if tensor.numel() > SAMPLE:
-        generator = torch.Generator(device=tensor.device).manual_seed(stable_seed("sample", job.name))
-        index = torch.randint(tensor.numel(), (SAMPLE,), generator=generator, device=tensor.device)
-        tensor, base = tensor[index], base[index]
-    return (tensor.float() - base.float()).abs_()
+def _samples(job: TensorJob) -> list[torch.Tensor]:
+    """|theta_i - base| per ingredient, for ranking: exact for small tensors, else sampled at the
+    same positions (``sample_index``) in every ingredient, so the base is gathered once."""
+    base = _base(job).reshape(-1)
+    index = sample_index(base.numel(), base.device) if base.numel() > SAMPLE else None
+    b = (base if index is None else base.index_select(0, index)).float()
+    flats = [t.reshape(-1) for t in job.tensors]
+    return [((f if index is None else f.index_select(0, index)).float() - b).abs_() for f in flats]
 
 
-def _generator(job: TensorJob, i: int) -> torch.Generator:
-    device = job.tensors[i].device
-    return torch.Generator(device=device).manual_seed(stable_seed(job.glob["seed"], job.name, job.ingredients[i]))
+def _seed(job: TensorJob, i: int) -> int:
+    return stable_seed32(job.glob["seed"], job.name, job.ingredients[i])
 
 
 def _sparsifiers(kind: str, job: TensorJob) -> list[Sparsifier | None]:
     """One sparsifier per ingredient, fitted to this tensor with that ingredient's parameters."""
     made: list[Sparsifier | None] = []
+    samples = _samples(job) if kind != "random" else []
     for i, density in enumerate(job.per["density"]):
         if kind == "magnitude":
-            made.append(Magnitude.fit(_sample(job, i), density).apply if density < 1.0 else None)
+            made.append(Magnitude.fit(samples[i], density) if density < 1.0 else None)
         elif kind == "random":
-            made.append(Random(density, job.glob["rescale"], _generator(job, i)).apply)
+            made.append(Random(density, job.glob["rescale"], _seed(job, i)))
         elif kind == "outliers":
-            made.append(Outliers.fit(_sample(job, i), density, job.per["gamma"][i]).apply)
+            made.append(Outliers.fit(samples[i], density, job.per["gamma"][i]))
         elif density >= 1.0:
             made.append(None)
         else:
@@ -88,7 +95,7 @@ def _sparsifiers(kind: str, job: TensorJob) -> list[Sparsifier | None]:
                     f"ingredient {job.ingredients[i]!r}: density {density:g} and epsilon {epsilon:g} need "
                     "0 < density - epsilon and density + epsilon <= 1"
                 )
-            made.append(Ranked.fit(_sample(job, i), density, epsilon, job.glob["rescale"], _generator(job, i)).apply)
+            made.append(Ranked.fit(samples[i], density, epsilon, job.glob["rescale"], _seed(job, i)))
     return made
 
 
@@ -102,6 +109,8 @@ def _task_vectors(sparsify: str | None, signs: bool) -> Combine:
             normalize=job.glob["normalize"],
             consensus=job.glob["majority_sign"] if signs else None,
             sparsifiers=_sparsifiers(sparsify, job) if sparsify else None,
+            out=job.out,
+            compiled=job.compiled,
         )
 
     return combine
@@ -113,7 +122,9 @@ def _endpoints(job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FUNCTIONS: Mapping[str, Combine] = {
-    "linear": lambda job: linear(job.tensors, job.per["weight"], normalize=job.glob["normalize"], out_dtype=job.out_dtype),
+    "linear": lambda job: linear(
+        job.tensors, job.per["weight"], normalize=job.glob["normalize"], out=job.out, compiled=job.compiled
+    ),
     "task_arithmetic": _task_vectors(None, signs=False),
     "ties": _task_vectors("magnitude", signs=True),
     "dare_linear": _task_vectors("random", signs=False),
@@ -130,7 +141,11 @@ _FUNCTIONS: Mapping[str, Combine] = {
     "passthrough": lambda job: others.passthrough(job.tensors[0], job.glob["scale"]),
 }
 
-REGISTRY: Mapping[str, Method] = {name: Method(decl, _FUNCTIONS[name]) for name, decl in DECLARATIONS.items()}
+_ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+
+REGISTRY: Mapping[str, Method] = {
+    name: Method(decl, _FUNCTIONS[name], elementwise=name in _ELEMENTWISE) for name, decl in DECLARATIONS.items()
+}
 
 
 def lookup(name: str) -> Method:

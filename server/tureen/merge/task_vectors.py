@@ -10,19 +10,39 @@ Papers: task arithmetic, Ilharco et al. 2023 (https://arxiv.org/abs/2212.04089);
 et al. 2023 (https://arxiv.org/abs/2306.01708); DARE, Yu et al. 2024
 (https://arxiv.org/abs/2311.03099); breadcrumbs, Davari & Belilovsky 2024
 (https://arxiv.org/abs/2312.06795); DELLA, Deep et al. 2024 (https://arxiv.org/abs/2406.11617).
-The work runs in chunks, so temporaries stay a few chunks big whatever the tensor size.
+The eager path runs in chunks, so temporaries stay a few chunks big whatever the tensor size;
+the compiled path (``tureen.merge.kernels``) does the same math in one pass with none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 
+from tureen.merge.kernels import MIN_ELEMENTS, run_compiled, signature, task_vector_kernel
+
 CHUNK = 1 << 21
 Consensus = Literal["total", "frequency"] | None
-Sparsifier = Callable[[torch.Tensor], torch.Tensor]  # thins one chunk of one task vector in place
+
+
+class Sparsifier(Protocol):
+    """Thins out one ingredient's task vector; see ``tureen.merge.sparsify``."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def apply(self, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        """Thin ``chunk`` (entries ``start`` onwards of the flat task vector) in place."""
+        ...
+
+    def fused(self) -> tuple[float, float, int] | None:
+        """(low, high, seed) for ``task_vector_kernel``, or None when only the eager path can do it."""
+        ...
+
+
+_KEEP_ALL = {"magnitude": (float("-inf"), float("inf"), 0), "random": (1.0, 1.0, 0)}
 
 
 def task_vector_merge(
@@ -34,16 +54,30 @@ def task_vector_merge(
     normalize: bool = False,
     consensus: Consensus = None,
     sparsifiers: Sequence[Sparsifier | None] | None = None,
+    out: torch.Tensor | None = None,
+    compiled: bool = False,
     chunk: int = CHUNK,
 ) -> torch.Tensor:
-    """``base + lam * merged`` in float32, computed chunk by chunk (see the module docstring)."""
+    """``base + lam * merged`` written into ``out`` (new float32 when None); see the module docstring."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"one weight per ingredient needed, got {len(weights)} for {len(tensors)}")
     if normalize and consensus is None and sum(weights) == 0:
         raise ValueError("weights sum to 0 and cannot be normalized")
-    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    if out is None:
+        out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
+    if compiled and flat_out.numel() >= MIN_ELEMENTS:
+        fused = _fused_parameters(sparsifiers, len(tensors))
+        if fused is not None:
+            kind, low, high, seeds = fused
+            device = base.device
+            numbers = [torch.tensor(v, dtype=torch.float32, device=device) for v in (weights, lam, low, high)]
+            signed = torch.tensor(seeds, dtype=torch.int64, device=device)
+            static = {"sparsify": kind, "consensus": consensus, "normalize": normalize, "rescale": _rescale(sparsifiers)}
+            key = signature(flats, base.dtype, out.dtype)
+            if run_compiled(task_vector_kernel, key, flat_out, flat_base, *numbers, signed, *flats, **static):
+                return out
     w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).view(-1, 1)
     for start in range(0, flat_out.numel(), chunk):
         stop = min(start + chunk, flat_out.numel())
@@ -52,7 +86,7 @@ def task_vector_merge(
         if sparsifiers is not None:
             for i, sparsify in enumerate(sparsifiers):
                 if sparsify is not None:
-                    sparsify(deltas[i])
+                    sparsify.apply(deltas[i], start)
         weighted = deltas.mul_(w)
         if consensus is None:
             merged = weighted.sum(0)
@@ -69,3 +103,28 @@ def task_vector_merge(
                 merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
         flat_out[start:stop] = b.add_(merged, alpha=lam)
     return out
+
+
+def _fused_parameters(
+    sparsifiers: Sequence[Sparsifier | None] | None, count: int
+) -> tuple[str | None, list[float], list[float], list[int]] | None:
+    """The kernel's per-ingredient (low, high, seed), or None when a sparsifier is eager-only."""
+    if sparsifiers is None:
+        return None, [0.0] * count, [0.0] * count, [0] * count
+    kinds = {s.kind for s in sparsifiers if s is not None}
+    if not kinds:
+        return None, [0.0] * count, [0.0] * count, [0] * count
+    if len(kinds) > 1 or next(iter(kinds)) not in ("magnitude", "outliers", "random"):
+        return None
+    (kind,) = kinds
+    rows = []
+    for sparsify in sparsifiers:
+        row = sparsify.fused() if sparsify is not None else _KEEP_ALL.get(kind)
+        if row is None:
+            return None
+        rows.append(row)
+    return kind, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _rescale(sparsifiers: Sequence[Sparsifier | None] | None) -> bool:
+    return any(getattr(s, "rescale", False) for s in sparsifiers or ())
