@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from references import ref_band, ref_model_stock, ref_multislerp, ref_nearswap, ref_slerp, ref_ties
 
 from helpers import combine
 from tureen.merge.methods import DECLARATIONS
@@ -35,51 +36,6 @@ def run(
 def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
     error = (actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)
     assert error < rel, f"relative error {float(error):.3g}"
-
-
-# ---- references -------------------------------------------------------------------------------
-
-
-def ref_topk(delta: torch.Tensor, density: float) -> torch.Tensor:
-    flat = delta.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat.abs(), descending=True)[:k]] = True
-    return (flat * keep).reshape(delta.shape)
-
-
-def ref_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    keep_n, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep_n - top)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.argsort(flat.abs())[bottom : bottom + keep_n]] = True
-    return (flat * keep).reshape(delta.shape)
-
-
-def ref_ties(base, tensors, weights, densities, lam=1.0, normalize=True, majority="total"):  # type: ignore[no-untyped-def]
-    b = base.double()
-    trimmed = [ref_topk(t.double() - b, d) * w for t, w, d in zip(tensors, weights, densities, strict=True)]
-    out = torch.zeros_like(b)
-    for index in range(b.numel()):
-        values = [x.reshape(-1)[index].item() for x in trimmed]
-        vote = sum(values) if majority == "total" else sum(math.copysign(1, v) if v else 0 for v in values)
-        sign = 1.0 if vote >= 0 else -1.0
-        agree = [(v, w) for v, w in zip(values, weights, strict=True) if v != 0 and math.copysign(1, v) == sign]
-        total = sum(v for v, _ in agree)
-        divisor = sum(w for _, w in agree) if normalize else 1.0
-        out.reshape(-1)[index] = total / (divisor if divisor != 0 else 1.0)
-    return b + lam * out
-
-
-def ref_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    cos = float((a.reshape(-1) @ b.reshape(-1)) / (a.norm() * b.norm()))
-    if abs(cos) > 0.9995:
-        return (1 - t) * a + t * b
-    theta = math.acos(cos)
-    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
 # ---- the linear family ------------------------------------------------------------------------
@@ -207,15 +163,7 @@ def test_multislerp_of_two_equal_norm_models_is_the_slerp_midpoint() -> None:
 def test_multislerp_matches_the_tangent_space_barycenter() -> None:
     base, *tensors = rand(4, seed=14)
     weights = [0.2, 0.3, 0.5]
-    vectors = [(t.double() - base.double()).reshape(-1) for t in tensors]
-    norms = [v.norm() for v in vectors]
-    units = [v / (n + 1e-8) for v, n in zip(vectors, norms, strict=True)]
-    mean = sum(w * u for w, u in zip(weights, units, strict=True))
-    point = mean / mean.norm()
-    tangent = sum(w * (u - (u @ point) * point) for w, u in zip(weights, units, strict=True))
-    r = tangent.norm() + 1e-8
-    direction = point * torch.cos(r) + tangent * torch.sin(r) / r
-    expected = (direction * sum(w * n for w, n in zip(weights, norms, strict=True))).reshape(SHAPE) + base.double()
+    expected = ref_multislerp(base, tensors, weights)
     close(run("multislerp", tensors, base, weight=weights), expected)
 
 
@@ -245,28 +193,13 @@ def test_karcher_mean_is_a_fixed_point_of_the_tangent_average() -> None:
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_matches_its_closed_form(filter_wise: bool) -> None:
     base, *tensors = rand(4, seed=17)
-    b = base.double()
-    rows = [(t.double() - b) for t in tensors]
-    if not filter_wise:
-        rows = [r.reshape(1, -1) for r in rows]
-    n = len(tensors)
-    cosines = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            cosines.append((rows[i] * rows[j]).sum(-1) / (rows[i].norm(dim=-1) * rows[j].norm(dim=-1)))
-    cos = sum(cosines) / len(cosines)
-    t = (n * cos / (1 + (n - 1) * cos)).unsqueeze(-1)
-    mean = sum(x.double() for x in tensors) / n
-    shape = (-1, SHAPE[-1]) if filter_wise else (1, -1)
-    expected = (t * mean.reshape(shape) + (1 - t) * b.reshape(shape)).reshape(SHAPE)
+    expected = ref_model_stock(base, tensors, filter_wise)
     close(run("model_stock", tensors, base, filter_wise=filter_wise), expected)
 
 
 def test_nearswap_takes_the_other_model_where_it_is_near() -> None:
     base, other = rand(2, seed=18)
-    diff = (base.double() - other.double()).abs()
-    weight = (0.4 / diff.clamp(min=1e-6)).clamp(0, 1)
-    close(run("nearswap", [other], base, t=0.4), weight * other.double() + (1 - weight) * base.double())
+    close(run("nearswap", [other], base, t=0.4), ref_nearswap(base, other, 0.4))
 
 
 def test_passthrough_scales_its_one_ingredient() -> None:
