@@ -156,7 +156,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(client: grpc
 
 
 def test_rpcs_not_implemented_yet_say_so(client: grpcclient.InferenceServerClient, stub) -> None:  # type: ignore[no-untyped-def]
-    assert status_of(client.get_model_repository_index).startswith("StatusCode.UNIMPLEMENTED")
+    assert status_of(client.get_cuda_shared_memory_status).startswith("StatusCode.UNIMPLEMENTED")
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="digits")])))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

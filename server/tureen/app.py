@@ -6,21 +6,24 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from tureen.core.blends import Blend, BlendRepository
+from tureen.core.controller import Controller
 from tureen.core.devices import resolve_device
 from tureen.core.engine import Engine
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
+from tureen.core.store import SpecStore
 from tureen.errors import SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.observability import PrometheusObserver, serve_metrics, stop_metrics
 from tureen.spec import SoupSpec
-from tureen.transport.server import Endpoint, create_server
+from tureen.transport.server import Endpoint, Tls, create_server
 
 _log = logging.getLogger("tureen")
 
@@ -36,13 +39,31 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 8
     merge_kernels: Kernels = "auto"
+    store: str | None = None
+    """The spec store's directory; None keeps specs in a temporary directory, gone at exit."""
+    keep_versions: int = 1
+    """Earlier blends per model kept in memory for instant rollback."""
+    poll_seconds: float = 1.0
+    """How often the store is read for versions other replicas activated."""
+    admin_token: str | None = None
+    """Bearer token the admin RPCs require; None leaves them open."""
+    inference_token: str | None = None
+    """Bearer token inference requires; None leaves it open."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    """With a client CA, clients must present a certificate it signed (mTLS)."""
 
 
 class App:
-    """One Tureen server process: declare the specs' models, serve, then build their blends."""
+    """One Tureen server process: seed the store with the specs, serve, then build the active versions."""
 
     def __init__(self, specs: Sequence[SoupSpec], settings: Settings, sources: Sequence[str] | None = None) -> None:
-        """``sources`` names where each spec came from (its file), for error messages."""
+        """``sources`` names where each spec came from (its file), for error messages.
+
+        The specs seed the store: a model with no stored version gets the spec as version 1;
+        a stored model keeps its active version, whatever the flags say.
+        """
         self.specs = list(specs)
         self.sources = list(sources) if sources is not None else [f"for model {spec.model!r}" for spec in specs]
         seen: dict[str, str] = {}
@@ -58,8 +79,18 @@ class App:
         self.kitchen = Kitchen(self.pool, observer, settings.merge_kernels)
         self.repository = BlendRepository(observer)
         self.engine = Engine(self.repository, observer)
-        for spec in self.specs:
-            self.repository.declare(spec.model)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if settings.store is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="tureen-store-")
+            _log.warning("no --store: pushed specs live in %s and are lost at exit", self._scratch.name)
+        self.store = SpecStore(settings.store or self._scratch.name)  # type: ignore[union-attr]
+        self.controller = Controller(
+            self.store, self.kitchen, self.repository, observer, keep=settings.keep_versions, poll_seconds=settings.poll_seconds
+        )
+        for spec, source in zip(self.specs, self.sources, strict=True):
+            self.controller.seed(spec, source)
+        for model in self.store.models():
+            self.repository.declare(model)
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: Endpoint | None = None
@@ -73,10 +104,14 @@ class App:
             self._grpc = create_server(
                 self.engine,
                 self.repository,
+                self.controller,
                 host=s.host,
                 port=s.grpc_port,
                 max_message_bytes=s.max_message_bytes,
                 workers=s.grpc_workers,
+                admin_token=s.admin_token,
+                inference_token=s.inference_token,
+                tls=_tls(s),
             )
         except OSError:
             self.stop()
@@ -87,23 +122,30 @@ class App:
         _log.info("gRPC (KServe v2 inference, health, reflection) on %s:%d, device %s", s.host, self.grpc_port, self.device)
 
     def build_all(self) -> list[Blend]:
-        """Build every spec as version 1 and swap it in; the first failure raises."""
-        blends = []
-        for spec, source in zip(self.specs, self.sources, strict=True):
-            try:
-                blend = self.kitchen.build(spec, version=1)
-            except SoupError as exc:
-                raise exc.within(f"spec {source}") from None
-            self.repository.swap(blend)
-            blends.append(blend)
-            _log.info("model %s: serving version %d", spec.model, blend.version)
+        """Build every stored model's active version and swap it in (the first failure raises),
+        then follow the store for versions other replicas activate."""
+        where = {spec.model: f"spec {source}" for spec, source in zip(self.specs, self.sources, strict=True)}
+        blends = self.controller.restore(where)
+        self.controller.start_watching()
         return blends
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop both endpoints and release their ports; requests in flight get ``grace`` seconds."""
+        self.controller.stop()
         if self._grpc is not None:
             self._grpc.stop(grace)
             self._grpc = None
         if self._metrics_server is not None:
             stop_metrics(self._metrics_server)
             self._metrics_server = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+
+def _tls(settings: Settings) -> Tls | None:
+    if settings.tls_cert is None and settings.tls_key is None:
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise SoupError("--tls-cert and --tls-key go together")
+    return Tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)

@@ -94,3 +94,28 @@ class InferenceFailed(SoupError):
     """The blend's forward pass raised; the blend keeps serving other requests."""
 
     reason = "internal"
+
+
+class StoreError(SoupError):
+    """The spec store cannot be read or written (a missing or read-only directory, a full disk)."""
+
+    reason = "store_unavailable"
+
+
+class VersionConflict(SoupError):
+    """The request does not fit the version's state: activating a failed version, deleting
+    the active one, rolling back with nothing to roll back to."""
+
+    reason = "failed_precondition"
+
+
+class OutOfMemory(SoupError):
+    """The device has no room for another blend beside the ones it holds."""
+
+    reason = "out_of_memory"
+
+
+class Unauthenticated(SoupError):
+    """A call that needs a bearer token came without the right one."""
+
+    reason = "unauthenticated"

@@ -343,3 +343,8 @@ def _resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
             for item in ingredients
         ]
     return resolved
+
+
+def spec_document(spec: SoupSpec) -> dict[str, Any]:
+    """The spec as a plain JSON-able document that ``parse_spec`` reads back to an equal spec."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ class Blend:
     spec: SoupSpec
     copy_inputs: bool = False
     """Set when warm-up saw ``forward`` write into its inputs, which are views of request bytes."""
+    checksums: Mapping[str, str] = field(default_factory=dict)
+    """sha256 of each ingredient it was merged from, by ingredient name."""
 
     def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to the blend's device; floating inputs take the blend's dtype."""
@@ -89,6 +91,15 @@ class BlendRepository:
             previous = self._active.get(blend.model)
             self._active[blend.model] = blend
         self._observer.blend_activated(blend.model, blend.version, blend.nbytes)
+        self._notify()
+        return previous
+
+    def unload(self, model: str) -> Blend | None:
+        """Stop serving ``model`` (it stays declared: requests get UNAVAILABLE); return its blend."""
+        with self._lock:
+            previous = self._active.get(model)
+            if model in self._active:
+                self._active[model] = None
         self._notify()
         return previous
 

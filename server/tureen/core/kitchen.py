@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -26,6 +27,9 @@ from tureen.spec import Architecture, SoupSpec
 
 _log = logging.getLogger("tureen.kitchen")
 
+Progress = Callable[[str, float], None]
+"""Told the stage a build is in and about how far along it is, from 0 to 1."""
+
 
 class Kitchen:
     """Builds blends from specs with ingredients from one pool (and so on one device)."""
@@ -36,11 +40,13 @@ class Kitchen:
         self._observer = observer
         self.kernels: Kernels = kernels
 
-    def load(self, spec: SoupSpec) -> dict[str, Ingredient]:
+    def load(self, spec: SoupSpec, progress: Progress | None = None) -> dict[str, Ingredient]:
         """Load (or find pooled) every ingredient of ``spec``, by ingredient name."""
         loaded = {}
         for i, ref in enumerate(spec.ingredients, start=1):
             _log.info("model %s: ingredient %d/%d %r", spec.model, i, len(spec.ingredients), ref.name)
+            if progress is not None:
+                progress(f"loading ingredient {i}/{len(spec.ingredients)} {ref.name!r}", 0.6 * (i - 1) / len(spec.ingredients))
             loaded[ref.name] = self.pool.load(ref)
         return loaded
 
@@ -50,17 +56,24 @@ class Kitchen:
         check_compatible(spec, ingredients)
         return mix(spec, ingredients, kernels=self.kernels)
 
-    def build(self, spec: SoupSpec, version: int) -> Blend:
-        """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong."""
+    def build(self, spec: SoupSpec, version: int, progress: Progress | None = None) -> Blend:
+        """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
+
+        ``progress(stage, fraction)`` hears where the build is, for status reports.
+        """
         started = time.perf_counter()
         if spec.architecture is None:
             raise SpecInvalid(["architecture: required to serve a model (only `tureen merge` works without one)"])
         skeleton = instantiate(spec.architecture, "meta")
         signature = Signature(interface_of(spec, skeleton))
-        ingredients = self.load(spec)
+        ingredients = self.load(spec, progress)
         tied = aliases(skeleton)
         check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
+        if progress is not None:
+            progress("merging", 0.6)
         merged = mix(spec, ingredients, kernels=self.kernels)
+        if progress is not None:
+            progress("warming up", 0.9)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
         blend = Blend(
             model=spec.model,
@@ -72,6 +85,7 @@ class Kitchen:
             nbytes=sum(t.numel() * t.element_size() for t in merged.values()),
             build_seconds=time.perf_counter() - started,
             spec=spec,
+            checksums={name: ingredient.digest for name, ingredient in ingredients.items()},
         )
         blend = _warm_up(blend)
         self._observer.blend_built(spec.model, version, blend.build_seconds)

@@ -27,6 +27,15 @@ class Observer(Protocol):
     def ingredient_memory(self, device: str, nbytes: int) -> None:
         """The ingredient pool now holds ``nbytes`` on ``device``."""
 
+    def build_failed(self, model: str, reason: str) -> None:
+        """A build ended in an error of the given reason; what was serving keeps serving."""
+
+    def blend_swapped(self, model: str, version: int, seconds: float) -> None:
+        """``version`` took over ``model``; ``seconds`` from the activation request to the swap."""
+
+    def resident_memory(self, model: str, nbytes: int) -> None:
+        """Blends of ``model`` kept for instant rollback (besides the active one) hold ``nbytes``."""
+
 
 class NullObserver:
     """Observes nothing; for the offline ``tureen merge`` and for library use."""
@@ -41,6 +50,15 @@ class NullObserver:
         pass
 
     def ingredient_memory(self, *args: Any) -> None:
+        pass
+
+    def build_failed(self, *args: Any) -> None:
+        pass
+
+    def blend_swapped(self, *args: Any) -> None:
+        pass
+
+    def resident_memory(self, *args: Any) -> None:
         pass
 
 

@@ -84,6 +84,24 @@ class PrometheusObserver:
             ("device",),
             registry=self.registry,
         )
+        self.builds = Counter("tureen_builds", "Blend builds that succeeded.", ("model",), registry=self.registry)
+        self.build_failures = Counter(
+            "tureen_build_failures", "Blend builds that failed, by reason.", ("model", "reason"), registry=self.registry
+        )
+        self.swaps = Counter("tureen_swaps", "Blends swapped in to serve a model.", ("model",), registry=self.registry)
+        self.swap_duration = Histogram(
+            "tureen_swap_duration_seconds",
+            "Time from an activation (push, activate, rollback or a replica catching up) to the swap, in seconds.",
+            ("model",),
+            buckets=BUILD_BUCKETS,
+            registry=self.registry,
+        )
+        self.resident_memory_bytes = Gauge(
+            "tureen_resident_blend_memory_bytes",
+            "Bytes of weights held by blends kept for instant rollback, besides the active one.",
+            ("model",),
+            registry=self.registry,
+        )
 
         # Label lookups take a lock and build tuples; on the request path we reuse the children.
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
@@ -110,6 +128,17 @@ class PrometheusObserver:
 
     def blend_built(self, model: str, version: int, seconds: float) -> None:
         self.build_duration.labels(model, str(version)).observe(seconds)
+        self.builds.labels(model).inc()
+
+    def build_failed(self, model: str, reason: str) -> None:
+        self.build_failures.labels(model, reason).inc()
+
+    def blend_swapped(self, model: str, version: int, seconds: float) -> None:
+        self.swaps.labels(model).inc()
+        self.swap_duration.labels(model).observe(seconds)
+
+    def resident_memory(self, model: str, nbytes: int) -> None:
+        self.resident_memory_bytes.labels(model).set(nbytes)
 
     def blend_activated(self, model: str, version: int, nbytes: int) -> None:
         self.active_version.labels(model).set(version)

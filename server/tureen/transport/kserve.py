@@ -1,7 +1,10 @@
 """The KServe v2 / Open Inference Protocol servicer: decode, delegate, encode.
 
-RPCs not overridden here (streaming, repository, shared memory, trace, logging) answer
-UNIMPLEMENTED through the generated base class.
+Triton's repository RPCs map onto the spec versions: ``RepositoryModelLoad`` with a
+``config`` parameter pushes that spec (JSON) as a new version and waits until it serves,
+without one it serves the model's active version again; ``RepositoryModelUnload`` stops
+serving the model, keeping its versions. RPCs not overridden here (streaming, shared memory,
+trace, logging) answer UNIMPLEMENTED through the generated base class.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ from tritonclient.grpc import service_pb2_grpc
 
 from tureen import __version__
 from tureen.core.blends import BlendRepository
+from tureen.core.controller import Controller
 from tureen.core.engine import Engine
-from tureen.errors import InferenceFailed, SoupError
+from tureen.errors import InferenceFailed, SoupError, SpecInvalid
 from tureen.transport import codec
+from tureen.transport.admin import decode_spec
 
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, repository: BlendRepository) -> None:
+    def __init__(self, engine: Engine, repository: BlendRepository, controller: Controller) -> None:
         self._engine = engine
         self._repository = repository
+        self._controller = controller
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -61,3 +67,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> pb.ModelStatisticsResponse:
         return codec.encode_statistics(self._engine.statistics_of(request.name, request.version))
+
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext) -> pb.RepositoryIndexResponse:
+        models = []
+        for name, blend in sorted(self._repository.models().items()):
+            if blend is not None:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(blend.version), state="READY"))
+            elif not request.ready:
+                models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, state="UNAVAILABLE", reason="no active blend"))
+        return pb.RepositoryIndexResponse(models=models)
+
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        who = context.peer()
+        if "config" in request.parameters:
+            spec = decode_spec(request.parameters["config"].string_param, "parameters.config")
+            if spec.model != request.model_name:
+                raise SpecInvalid([f"model: {spec.model!r} in parameters.config, but model_name is {request.model_name!r}"])
+            self._controller.push(spec, who, activate=True, wait=True)
+        else:
+            self._controller.load(request.model_name, who)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._controller.unload(request.model_name, context.peer())
+        return pb.RepositoryModelUnloadResponse()

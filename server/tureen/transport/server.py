@@ -11,10 +11,39 @@ from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
 from tureen.core.blends import BlendRepository
+from tureen.core.controller import Controller
 from tureen.core.engine import Engine
+from tureen.errors import SoupError
+from tureen.transport.admin import AdminServicer
+from tureen.transport.auth import TokenInterceptor
 from tureen.transport.health import INFERENCE_SERVICE, add_health
 from tureen.transport.kserve import InferenceServicer
 from tureen.transport.status import ErrorInterceptor
+from tureen.v1 import admin_pb2, admin_pb2_grpc
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["SoupAdmin"].full_name
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificate and key files; with a client CA, clients must present a certificate (mTLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str, flag: str) -> bytes:
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except OSError as exc:
+                raise SoupError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+        pair = [(read(self.key, "--tls-key"), read(self.cert, "--tls-cert"))]
+        if self.client_ca is None:
+            return grpc.ssl_server_credentials(pair)
+        return grpc.ssl_server_credentials(pair, read(self.client_ca, "--tls-client-ca"), require_client_auth=True)
 
 
 @dataclass(frozen=True)
@@ -37,28 +66,34 @@ class Endpoint:
 def create_server(
     engine: Engine,
     repository: BlendRepository,
+    controller: Controller,
     *,
     host: str = "0.0.0.0",
     port: int = 8001,
     max_message_bytes: int = 64 * 1024 * 1024,
     workers: int = 8,
+    admin_token: str | None = None,
+    inference_token: str | None = None,
+    tls: Tls | None = None,
 ) -> Endpoint:
     """Build (not start) the server and bind it; ``port=0`` picks a free port (``Endpoint.port``)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[TokenInterceptor(admin_token, inference_token), ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository, controller), server)
+    admin_pb2_grpc.add_SoupAdminServicer_to_server(AdminServicer(controller, controller.kitchen.pool), server)
     health_servicer = add_health(server, repository)
-    reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    services = (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"--grpc-port: cannot listen on {address}: {exc}") from None
     if bound == 0:

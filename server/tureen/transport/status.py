@@ -22,6 +22,10 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.BlendNotReady: grpc.StatusCode.UNAVAILABLE,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.StoreError: grpc.StatusCode.UNAVAILABLE,
+    errors.VersionConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

@@ -1,0 +1,369 @@
+"""Versions of each model's soup: push, build beside what serves, swap, roll back, converge.
+
+The controller owns the life of spec versions in one process. Specs are stored first (the
+``SpecStore`` is the truth shared by every replica), built off the request path on one
+builder thread, and swapped in by ``BlendRepository.swap``: a request keeps the blend it
+started on, and an old blend's memory goes when its last request does. Up to ``keep``
+earlier blends per model stay resident, so a rollback to them is a swap and nothing more.
+
+Replicas sharing a store converge by polling each model's active pointer: when another
+process activated a version, this one builds it (or finds it resident) and swaps it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from tureen.core.blends import Blend, BlendRepository
+from tureen.core.kitchen import Kitchen
+from tureen.core.observer import Observer
+from tureen.core.store import Pointer, SpecStore, StoredVersion
+from tureen.errors import ModelNotFound, SoupError, VersionConflict
+from tureen.spec import SoupSpec
+
+_log = logging.getLogger("tureen.controller")
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build in progress."""
+
+    model: str
+    version: int
+    stage: str
+    fraction: float
+    started: float
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model: str
+    active: int | None
+    building: Build | None
+    resident: tuple[int, ...]
+    """Versions held in memory besides the active one, newest first."""
+    active_bytes: int
+    resident_bytes: int
+
+
+class Controller:
+    """Pushes, builds, activates and rolls back spec versions; keeps replicas in step."""
+
+    def __init__(
+        self,
+        store: SpecStore,
+        kitchen: Kitchen,
+        repository: BlendRepository,
+        observer: Observer,
+        *,
+        keep: int = 1,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.kitchen = kitchen
+        self.repository = repository
+        self._observer = observer
+        self.keep = keep
+        self.poll_seconds = poll_seconds
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-build")
+        self._lock = threading.RLock()
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._resident: dict[str, list[Blend]] = {}
+        self._building: dict[str, Build] = {}
+        self._changed = threading.Condition()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._given_up: dict[str, int] = {}  # model -> version this replica failed to build
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    def seed(self, spec: SoupSpec, source: str) -> StoredVersion | None:
+        """Store ``spec`` as version 1 of its model when the store holds no version of it yet.
+
+        A stored model keeps what operators last activated; start-up flags do not override it.
+        """
+        if self.store.version_numbers(spec.model):
+            _log.info("model %s: the store has versions; %s is not seeded", spec.model, source)
+            return None
+        stored = self.store.push(spec, pushed_by=f"seed {source}")
+        self.store.point(spec.model, Pointer(stored.version, by=f"seed {source}", at=time.time()))
+        return stored
+
+    def restore(self, where: Mapping[str, str] | None = None) -> list[Blend]:
+        """Declare every stored model and build its active version; the first failure raises,
+        prefixed with ``where[model]`` (the spec file it was seeded from) when given."""
+        blends = []
+        for model in self.store.models():
+            self.repository.declare(model)
+            pointer = self.store.pointer(model)
+            if pointer is not None and pointer.version:
+                try:
+                    blends.append(self._activate(model, pointer.version, by="", write_pointer=False))
+                except SoupError as exc:
+                    raise exc.within((where or {}).get(model, f"model {model!r} version {pointer.version}")) from None
+        return blends
+
+    def start_watching(self) -> None:
+        """Poll the store so that activations made by other replicas reach this one."""
+        self._watcher = threading.Thread(target=self._watch, name="tureen-store-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self._builder.shutdown(wait=False, cancel_futures=True)
+
+    # ---- operator actions --------------------------------------------------------------------
+
+    def push(self, spec: SoupSpec, by: str, *, activate: bool = True, wait: bool = False) -> StoredVersion:
+        """Store ``spec`` as the next version and build it (then activate it, unless told not to).
+
+        Returns once stored, or with ``wait`` once built and (when asked) active; a failed build
+        then raises its error. The blend serving the model is untouched until the swap.
+        """
+        stored = self.store.push(spec, pushed_by=by)
+        self.repository.declare(spec.model)
+        _log.info("model %s: version %d stored (pushed by %s)", spec.model, stored.version, by or "?")
+        self._bump()
+        future: Future[Blend] = self._builder.submit(self._build_and_maybe_activate, stored, activate, by)
+        if wait:
+            future.result()
+            return self.store.get(spec.model, stored.version)
+        return stored
+
+    def activate(self, model: str, version: int, by: str) -> StoredVersion:
+        """Make ``version`` serve ``model`` now: a swap when resident, else a build first."""
+        self._activate(model, version, by=by, write_pointer=True)
+        return self.store.get(model, version)
+
+    def rollback(self, model: str, by: str, to: int | None = None) -> StoredVersion:
+        """Go back to the version active before this one (skipping deleted ones), or to ``to``."""
+        pointer = self.store.pointer(model)
+        if pointer is None:
+            raise VersionConflict(f"model {model!r} has no active version to roll back from")
+        if to is not None:
+            return self.activate(model, to, by)
+        existing = set(self.store.version_numbers(model))
+        history = [v for v in pointer.history if v in existing and v != pointer.version]
+        history = [v for v in history if self.store.get(model, v).state != "failed"]
+        if not history:
+            raise VersionConflict(f"model {model!r}: no earlier active version to roll back to (active: {pointer.version})")
+        target = history[-1]
+        self._activate(model, target, by=by, write_pointer=True, history=tuple(history[:-1]))
+        return self.store.get(model, target)
+
+    def unload(self, model: str, by: str) -> None:
+        """Stop serving ``model`` everywhere (its versions stay stored); ``activate`` brings it back."""
+        with self._model_lock(model):
+            pointer = self.store.pointer(model)
+            if pointer is None or pointer.version == 0:
+                if not self.store.version_numbers(model):
+                    raise ModelNotFound(f"model {model!r} has no stored version")
+                return
+            self.store.point(model, Pointer(0, (*pointer.history, pointer.version), by, time.time()))
+            self._retire(model, 0, self.repository.unload(model))
+        self._bump()
+
+    def load(self, model: str, by: str) -> StoredVersion:
+        """Serve ``model`` again: its active version, or the last one active before an unload."""
+        pointer = self.store.pointer(model)
+        if pointer is None:
+            raise ModelNotFound(f"model {model!r} has no stored version to load")
+        if pointer.version:
+            return self.activate(model, pointer.version, by)
+        return self.rollback(model, by)
+
+    def delete(self, model: str, version: int) -> None:
+        with self._lock:
+            active = self.repository.models().get(model)
+            if active is not None and active.version == version:
+                raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
+            self._resident[model] = [b for b in self._resident.get(model, []) if b.version != version]
+        self.store.delete(model, version)
+        self._bump()
+
+    def spec(self, model: str, version: int | None = None) -> StoredVersion:
+        """A stored version, or the active one when ``version`` is None."""
+        if version is None:
+            pointer = self.store.pointer(model)
+            if pointer is None:
+                if not self.store.version_numbers(model):
+                    raise ModelNotFound(f"model {model!r} has no stored version")
+                raise VersionConflict(f"model {model!r} has no active version")
+            version = pointer.version
+        return self.store.get(model, version)
+
+    def versions(self, model: str) -> list[tuple[StoredVersion, str]]:
+        """Every stored version with its state as seen from here: stored, building, ready,
+        active, failed or retired (once active, no longer)."""
+        stored = self.store.versions(model)
+        if not stored:
+            raise ModelNotFound(f"model {model!r} has no stored version")
+        pointer = self.store.pointer(model)
+        active = pointer.version if pointer else None
+        retired = set(pointer.history) if pointer else set()
+        building = self._building.get(model)
+        shown = []
+        for item in stored:
+            state: str = item.state
+            if item.version == active:
+                state = "active"
+            elif building is not None and building.version == item.version:
+                state = "building"
+            elif item.version in retired and state != "failed":
+                state = "retired"
+            shown.append((item, state))
+        return shown
+
+    def status(self) -> list[ModelStatus]:
+        with self._lock:
+            out = []
+            for model, blend in sorted(self.repository.models().items()):
+                resident = self._resident.get(model, [])
+                out.append(
+                    ModelStatus(
+                        model=model,
+                        active=blend.version if blend else None,
+                        building=self._building.get(model),
+                        resident=tuple(b.version for b in resident),
+                        active_bytes=blend.nbytes if blend else 0,
+                        resident_bytes=sum(b.nbytes for b in resident),
+                    )
+                )
+            return out
+
+    @property
+    def generation(self) -> int:
+        """Bumped on every change of status; ``wait_for_change`` waits for it to move."""
+        return self._generation
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout=timeout)
+            return self._generation
+
+    # ---- the work ----------------------------------------------------------------------------
+
+    def _build_and_maybe_activate(self, stored: StoredVersion, activate: bool, by: str) -> Blend:
+        if activate:
+            return self._activate(stored.model, stored.version, by=by, write_pointer=True)
+        return self._build(stored)
+
+    def _activate(
+        self, model: str, version: int, *, by: str, write_pointer: bool, history: tuple[int, ...] | None = None
+    ) -> Blend:
+        requested = time.perf_counter()
+        with self._model_lock(model):
+            current = self.repository.models().get(model)
+            if current is not None and current.version == version:
+                blend = current
+            else:
+                blend = self._resident_blend(model, version) or self._build(self.store.get(model, version))
+                previous = self.repository.swap(blend)
+                self._observer.blend_swapped(model, version, time.perf_counter() - requested)
+                self._retire(model, version, previous)
+                _log.info("model %s: serving version %d", model, version)
+            if write_pointer:
+                pointer = self.store.pointer(model)
+                if history is None:
+                    if pointer is None:
+                        history = ()
+                    elif pointer.version == version:
+                        history = pointer.history
+                    else:
+                        history = (*pointer.history, pointer.version)
+                self.store.point(model, Pointer(version, history, by, time.time()))
+        self._bump()
+        return blend
+
+    def _build(self, stored: StoredVersion) -> Blend:
+        if stored.state == "failed":
+            raise VersionConflict(
+                f"model {stored.model!r} version {stored.version} failed to build ({stored.reason}); push a fixed spec"
+            )
+        model, version = stored.model, stored.version
+        self._set_building(Build(model, version, "starting", 0.0, time.time()))
+        stored = self.store.record(stored, "building")
+
+        def progress(stage: str, fraction: float) -> None:
+            self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
+
+        try:
+            blend = self.kitchen.build(stored.spec, version, progress)
+        except SoupError as exc:
+            self._observer.build_failed(model, exc.reason)
+            self.store.record(stored, "failed", reason=str(exc))
+            _log.error("model %s: version %d failed to build: %s", model, version, exc)
+            raise
+        except MemoryError as exc:  # a build that cannot get memory must not take the server down
+            self._observer.build_failed(model, "out_of_memory")
+            self.store.record(stored, "failed", reason=f"out of memory: {exc}")
+            raise
+        finally:
+            self._set_building(None, model)
+        self.store.record(stored, "ready", build_seconds=round(blend.build_seconds, 3), checksums=dict(blend.checksums))
+        return blend
+
+    def _resident_blend(self, model: str, version: int) -> Blend | None:
+        with self._lock:
+            return next((b for b in self._resident.get(model, []) if b.version == version), None)
+
+    def _retire(self, model: str, version: int, previous: Blend | None) -> None:
+        """Keep the blend that just stopped serving for rollback; drop the oldest beyond ``keep``."""
+        with self._lock:
+            kept = [b for b in self._resident.get(model, []) if b.version != version]
+            if previous is not None and previous.version != version:
+                kept.insert(0, previous)
+            self._resident[model] = kept[: self.keep]
+            self._observer.resident_memory(model, sum(b.nbytes for b in self._resident[model]))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self._converge()
+            except Exception:  # a bad moment on a shared volume must not end the watch
+                _log.exception("store watch failed; retrying")
+
+    def _converge(self) -> None:
+        for model in self.store.models():
+            self.repository.declare(model)
+            pointer = self.store.pointer(model)
+            current = self.repository.models().get(model)
+            if pointer is not None and pointer.version == 0 and current is not None:
+                self._retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
+                self._bump()
+                continue
+            if pointer is None or pointer.version == 0 or (current is not None and current.version == pointer.version):
+                continue
+            if self._given_up.get(model) == pointer.version or model in self._building:
+                continue
+            _log.info("model %s: version %d was activated elsewhere; following", model, pointer.version)
+            try:
+                self._activate(model, pointer.version, by="", write_pointer=False)
+            except SoupError as exc:
+                self._given_up[model] = pointer.version
+                _log.error("model %s: cannot follow version %d: %s", model, pointer.version, exc)
+
+    def _model_lock(self, model: str) -> threading.Lock:
+        with self._lock:
+            return self._model_locks.setdefault(model, threading.Lock())
+
+    def _set_building(self, build: Build | None, model: str = "") -> None:
+        with self._lock:
+            if build is None:
+                self._building.pop(model, None)
+            else:
+                self._building[build.model] = build
+        self._bump()
+
+    def _bump(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()

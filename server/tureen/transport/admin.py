@@ -1,0 +1,118 @@
+"""The operator API (``tureen.v1.SoupAdmin``): decode, delegate to the controller, encode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+
+from tureen.core.controller import Controller, ModelStatus
+from tureen.core.ingredients import IngredientPool
+from tureen.core.store import StoredVersion
+from tureen.errors import SpecInvalid
+from tureen.spec import SoupSpec, parse_spec, spec_document
+from tureen.v1 import admin_pb2 as pb
+from tureen.v1 import admin_pb2_grpc
+
+WATCH_HEARTBEAT_S = 15.0
+"""A watch re-sends the status at least this often, so a client can tell the stream is alive."""
+
+
+def decode_spec(text: str, field: str) -> SoupSpec:
+    """A spec from its JSON text; a parse failure names ``field``."""
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise SpecInvalid([f"{field}: not valid JSON: {exc}"]) from None
+    return parse_spec(document, source=field)
+
+
+def encode_version(stored: StoredVersion, state: str | None = None) -> pb.VersionInfo:
+    return pb.VersionInfo(
+        model=stored.model,
+        version=stored.version,
+        state=state or stored.state,
+        reason=stored.reason,
+        pushed_by=stored.pushed_by,
+        pushed_at=stored.pushed_at,
+        build_seconds=stored.build_seconds or 0.0,
+        checksums=stored.checksums,
+    )
+
+
+def _peer_user(request_user: str, context: grpc.ServicerContext) -> str:
+    return request_user or context.peer()
+
+
+class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
+    def __init__(self, controller: Controller, pool: IngredientPool) -> None:
+        self._controller = controller
+        self._pool = pool
+
+    def PushSpec(self, request: pb.PushSpecRequest, context: grpc.ServicerContext) -> pb.VersionReply:
+        spec = decode_spec(request.spec_json, "spec_json")
+        activate = request.activate if request.HasField("activate") else True
+        stored = self._controller.push(spec, _peer_user(request.pushed_by, context), activate=activate, wait=request.wait)
+        return pb.VersionReply(version=encode_version(stored, self._state_of(stored)))
+
+    def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.GetSpecReply:
+        stored = self._controller.spec(request.model, request.version or None)
+        return pb.GetSpecReply(
+            version=encode_version(stored, self._state_of(stored)), spec_json=json.dumps(spec_document(stored.spec))
+        )
+
+    def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.ServicerContext) -> pb.ListVersionsReply:
+        shown = self._controller.versions(request.model)
+        return pb.ListVersionsReply(versions=[encode_version(stored, state) for stored, state in shown])
+
+    def Activate(self, request: pb.ActivateRequest, context: grpc.ServicerContext) -> pb.VersionReply:
+        stored = self._controller.activate(request.model, request.version, _peer_user("", context))
+        return pb.VersionReply(version=encode_version(stored, "active"))
+
+    def Rollback(self, request: pb.RollbackRequest, context: grpc.ServicerContext) -> pb.VersionReply:
+        stored = self._controller.rollback(request.model, _peer_user("", context), to=request.to_version or None)
+        return pb.VersionReply(version=encode_version(stored, "active"))
+
+    def DeleteVersion(self, request: pb.DeleteVersionRequest, context: grpc.ServicerContext) -> pb.DeleteVersionReply:
+        self._controller.delete(request.model, request.version)
+        return pb.DeleteVersionReply()
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusReply:
+        return self._status(request.model)
+
+    def WatchStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Iterator[pb.GetStatusReply]:
+        seen = self._controller.generation
+        yield self._status(request.model)
+        while context.is_active():
+            now = self._controller.wait_for_change(seen, WATCH_HEARTBEAT_S)
+            if now == seen and not context.is_active():
+                return
+            seen = now
+            yield self._status(request.model)
+
+    def _status(self, model: str) -> pb.GetStatusReply:
+        statuses = [s for s in self._controller.status() if not model or s.model == model]
+        if model and not statuses:
+            self._controller.spec(model)  # raises the not-found error naming the model
+        return pb.GetStatusReply(
+            models=[_encode_status(s) for s in statuses], device=str(self._pool.device), ingredient_bytes=self._pool.nbytes
+        )
+
+    def _state_of(self, stored: StoredVersion) -> str:
+        shown = dict((item.version, state) for item, state in self._controller.versions(stored.model))
+        return shown.get(stored.version, stored.state)
+
+
+def _encode_status(status: ModelStatus) -> pb.ModelStatus:
+    message = pb.ModelStatus(
+        model=status.model,
+        active_version=status.active or 0,
+        resident_versions=list(status.resident),
+        active_bytes=status.active_bytes,
+        resident_bytes=status.resident_bytes,
+    )
+    if status.building is not None:
+        b = status.building
+        message.building.CopyFrom(pb.BuildProgress(version=b.version, stage=b.stage, fraction=b.fraction, started_at=b.started))
+    return message
