@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -97,6 +98,10 @@ def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subp
     never blocks on a full pipe and the test can read what it logged.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    scratch = None
+    if "--store" not in args:  # never the user's own store
+        scratch = tempfile.TemporaryDirectory(prefix="tureen-test-store-")
+        args = [*args, "--store", scratch.name]
     command = [sys.executable, "-m", "tureen", "serve", *args, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: list[str] = []
@@ -137,6 +142,8 @@ def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subp
                 process.kill()
                 process.wait()
         reader.join(timeout=5)
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def combine(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from tureen.demo.train import load_split
 
 
 def tureen(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tureen", *args], capture_output=True, text=True, timeout=120)
+    with tempfile.TemporaryDirectory(prefix="tureen-test-store-") as store:  # never the user's own store
+        env = {**os.environ, "TUREEN_STORE": store}
+        return subprocess.run([sys.executable, "-m", "tureen", *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

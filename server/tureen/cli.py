@@ -1,4 +1,4 @@
-"""The ``tureen`` command line: ``serve`` and ``merge`` (more commands arrive with later work).
+"""The ``tureen`` command line: ``serve``, ``merge``, ``spec``, and the operator commands of ``tureen.ops``.
 
 Errors end the command with exit code 1 and one line on stderr, never a traceback.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tureen import __version__
+from tureen import __version__, ops
 from tureen.errors import SoupError
 
 _log = logging.getLogger("tureen")
@@ -79,6 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--grpc-workers", type=_positive, default=8, metavar="N", help="gRPC worker threads (default: 8)")
     _kernels_option(serve)
+    serve.add_argument(
+        "--store",
+        metavar="DIR",
+        help="the durable spec store, shareable by replicas (default: $TUREEN_STORE, else "
+        "$XDG_STATE_HOME/tureen/store or ~/.local/state/tureen/store)",
+    )
+    serve.add_argument(
+        "--keep-versions",
+        type=int,
+        default=1,
+        metavar="K",
+        help="earlier blends per model kept in memory for instant rollback (default: 1)",
+    )
+    serve.add_argument(
+        "--store-poll-seconds", type=float, default=1.0, metavar="S", help="how often replicas read the store (default: 1)"
+    )
+    serve.add_argument(
+        "--admin-token-file", metavar="F", help="require this bearer token for admin calls (default: $TUREEN_ADMIN_TOKEN, if set)"
+    )
+    serve.add_argument(
+        "--inference-token-file",
+        metavar="F",
+        help="require this bearer token for inference too (default: $TUREEN_INFERENCE_TOKEN, if set)",
+    )
+    serve.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate (PEM), with --tls-key")
+    serve.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
+    serve.add_argument("--tls-client-ca", metavar="F", help="require client certificates signed by this CA (mTLS)")
 
     merge = commands.add_parser("merge", help="merge a spec offline into a safetensors file, no server")
     merge.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON)")
@@ -94,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", metavar="OUT", help="write the spec here instead of standard output")
     convert.add_argument("--model", help="the model name clients will call (default: the config's file name)")
     convert.add_argument("--json", action="store_true", help="write JSON instead of YAML")
+    ops.add_commands(commands, spec_commands)
     return parser
 
 
@@ -111,8 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        commands = {"serve": _serve, "merge": _merge, "spec": _spec}
+        commands = {"serve": _serve, "merge": _merge, "spec": _spec, **ops.COMMANDS}
         return int(commands[args.command](args))
+    except ops.SoupClientError as exc:
+        print(f"tureen: error: {exc} ({exc.code.name})", file=sys.stderr)
+        return 1
     except (SoupError, OSError) as exc:
         print(f"tureen: error: {exc}", file=sys.stderr)
         return 1
@@ -120,9 +152,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def default_store() -> str:
+    """$TUREEN_STORE, else the XDG state directory's tureen/store."""
+    if os.environ.get("TUREEN_STORE"):
+        return os.environ["TUREEN_STORE"]
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "tureen" / "store")
+
+
+def _token(path: str | None, env: str, flag: str) -> str | None:
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise SoupError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+        if not token:
+            raise SoupError(f"{flag}: {path} is empty")
+        return token
+    return os.environ.get(env) or None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tureen.app import App, Settings
     from tureen.core.devices import resolve_device
+    from tureen.core.store import SpecStore
     from tureen.spec import load_spec
 
     resolve_device(args.device)  # a wrong --device fails before any training or loading
@@ -134,8 +187,9 @@ def _serve(args: argparse.Namespace) -> int:
         demo_dir = args.demo_dir or train.default_cache_dir()
         sources.append(str(train.prepare(demo_dir)))
     specs = [load_spec(path) for path in sources]
-    if not specs:
-        raise SoupError("nothing to serve: give --spec FILE (repeatable) or --demo")
+    store = args.store or default_store()
+    if not specs and not SpecStore(store).models():
+        raise SoupError(f"nothing to serve: give --spec FILE (repeatable) or --demo, or push specs to a store (--store {store})")
     settings = Settings(
         host=args.host,
         grpc_port=args.grpc_port,
@@ -144,6 +198,14 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         grpc_workers=args.grpc_workers,
         merge_kernels=args.merge_kernels,
+        store=store,
+        keep_versions=args.keep_versions,
+        poll_seconds=args.store_poll_seconds,
+        admin_token=_token(args.admin_token_file, "TUREEN_ADMIN_TOKEN", "--admin-token-file"),
+        inference_token=_token(args.inference_token_file, "TUREEN_INFERENCE_TOKEN", "--inference-token-file"),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     app = App(specs, settings, sources)
     stopping = threading.Event()
@@ -217,6 +279,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _spec(args: argparse.Namespace) -> int:
+    if args.spec_command == "show":
+        return ops.show_spec(args)
     import yaml
 
     from tureen.mergekit_config import from_mergekit, missing_paths

@@ -80,33 +80,36 @@ class Controller:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._given_up: dict[str, int] = {}  # model -> version this replica failed to build
+        self._seeded: dict[str, int] = {}
 
     # ---- start-up ----------------------------------------------------------------------------
 
     def seed(self, spec: SoupSpec, source: str) -> StoredVersion | None:
-        """Store ``spec`` as version 1 of its model when the store holds no version of it yet.
-
-        A stored model keeps what operators last activated; start-up flags do not override it.
-        """
-        if self.store.version_numbers(spec.model):
-            _log.info("model %s: the store has versions; %s is not seeded", spec.model, source)
+        """Store ``spec`` as the model's next version, to activate at ``restore``, when the store
+        has no active version of the model; a model operators activated keeps that version,
+        whatever the start-up flags say."""
+        if self.store.pointer(spec.model) is not None:
+            _log.info("model %s: the store has an active version; %s is not seeded", spec.model, source)
             return None
         stored = self.store.push(spec, pushed_by=f"seed {source}")
-        self.store.point(spec.model, Pointer(stored.version, by=f"seed {source}", at=time.time()))
+        self._seeded[spec.model] = stored.version
         return stored
 
     def restore(self, where: Mapping[str, str] | None = None) -> list[Blend]:
-        """Declare every stored model and build its active version; the first failure raises,
-        prefixed with ``where[model]`` (the spec file it was seeded from) when given."""
+        """Declare every stored model and build its active (or just seeded) version; the first
+        failure raises, prefixed with ``where[model]`` (the spec file it was seeded from) when given."""
         blends = []
         for model in self.store.models():
             self.repository.declare(model)
             pointer = self.store.pointer(model)
-            if pointer is not None and pointer.version:
-                try:
-                    blends.append(self._activate(model, pointer.version, by="", write_pointer=False))
-                except SoupError as exc:
-                    raise exc.within((where or {}).get(model, f"model {model!r} version {pointer.version}")) from None
+            seeded = self._seeded.pop(model, None)
+            version = pointer.version if pointer is not None else seeded
+            if not version:
+                continue
+            try:
+                blends.append(self._activate(model, version, by="seed" if seeded else "", write_pointer=seeded is not None))
+            except SoupError as exc:
+                raise exc.within((where or {}).get(model, f"model {model!r} version {version}")) from None
         return blends
 
     def start_watching(self) -> None:
@@ -217,6 +220,8 @@ class Controller:
                 state = "active"
             elif building is not None and building.version == item.version:
                 state = "building"
+            elif state == "building":
+                state = "stored"  # a build cut short (a restart) or running on another replica
             elif item.version in retired and state != "failed":
                 state = "retired"
             shown.append((item, state))

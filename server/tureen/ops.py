@@ -1,0 +1,218 @@
+"""The operator commands: push, versions, activate, rollback, delete, status, spec show.
+
+They talk to a running server through ``tureen_client`` (the library in ``clients/``). Output is
+a human table by default and JSON with ``--json``; a push that waits shows a progress bar on
+stderr while the server builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tureen_client import SoupClient, SoupClientError, read_token
+
+__all__ = ["COMMANDS", "SoupClientError", "add_commands", "show_spec"]
+
+
+def _client_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--server",
+        default=os.environ.get("TUREEN_SERVER", "localhost:8001"),
+        help="HOST:PORT (default: $TUREEN_SERVER or localhost:8001)",
+    )
+    command.add_argument("--token-file", metavar="F", help="bearer token for admin calls (default: $TUREEN_ADMIN_TOKEN)")
+    command.add_argument("--tls-ca", metavar="F", help="connect with TLS, trusting this CA (PEM)")
+    command.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def add_commands(commands: Any, spec_commands: Any) -> None:
+    push = commands.add_parser("push", help="push a spec as a model's next version (activated unless --no-activate)")
+    push.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON); ingredient paths are read by the server")
+    push.add_argument("--no-activate", action="store_true", help="store and build only; activate later")
+    push.add_argument("--wait", action="store_true", help="wait for the build (and the swap), showing progress")
+    _client_options(push)
+    versions = commands.add_parser("versions", help="list a model's versions and their states")
+    versions.add_argument("model")
+    _client_options(versions)
+    activate = commands.add_parser("activate", help="make a version serve its model")
+    activate.add_argument("model")
+    activate.add_argument("version", type=int)
+    _client_options(activate)
+    rollback = commands.add_parser("rollback", help="go back to the previously active version (or --to V)")
+    rollback.add_argument("model")
+    rollback.add_argument("--to", type=int, metavar="V", help="this version instead of the previous one")
+    _client_options(rollback)
+    delete = commands.add_parser("delete", help="delete a version that is not active")
+    delete.add_argument("model")
+    delete.add_argument("version", type=int)
+    _client_options(delete)
+    status = commands.add_parser("status", help="active versions, builds in progress and memory, per model")
+    status.add_argument("model", nargs="?", default="")
+    status.add_argument("--watch", action="store_true", help="print again on every change until Ctrl-C")
+    _client_options(status)
+    show = spec_commands.add_parser("show", help="print a model's active spec, or a given version's")
+    show.add_argument("model")
+    show.add_argument("version", type=int, nargs="?", default=0)
+    _client_options(show)
+
+
+def _client(args: argparse.Namespace) -> SoupClient:
+    roots = None
+    if args.tls_ca:
+        try:
+            roots = Path(args.tls_ca).read_bytes()
+        except OSError as exc:
+            raise SoupClientError(_invalid(), f"--tls-ca: {exc.strerror or exc}") from None
+    return SoupClient(args.server, token=read_token(args.token_file), root_certificates=roots)
+
+
+def _invalid() -> Any:
+    import grpc
+
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _push(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.push(args.spec, activate=not args.no_activate, wait=False)
+        if args.wait:
+            info = _follow(client, info, activate=not args.no_activate, quiet=args.json)
+        if args.json:
+            print(json.dumps(info))
+        else:
+            what = "serving" if info["state"] == "active" else info["state"]
+            print(f"{info['model']} version {info['version']}: {what}")
+    return 0 if info["state"] != "failed" else 1
+
+
+def _follow(client: SoupClient, info: dict[str, Any], *, activate: bool, quiet: bool) -> dict[str, Any]:
+    """Wait for the pushed version to build (and activate); draw a progress bar after a moment."""
+    model, version = info["model"], int(info["version"])
+    started = time.monotonic()
+    done = {"active"} if activate else {"ready", "active"}
+    drawn = False
+    for status in client.watch(model):
+        current = next((v for v in client.versions(model) if int(v["version"]) == version), info)
+        if current["state"] in done or current["state"] == "failed":
+            if drawn:
+                print(file=sys.stderr)
+            if current["state"] == "failed":
+                raise SoupClientError(_failed(), f"{model} version {version} failed to build: {current['reason']}")
+            return current
+        building = next((m.get("building") for m in status["models"] if m["model"] == model), None)
+        if not quiet and building and int(building.get("version", 0)) == version and time.monotonic() - started > 0.5:
+            fraction = float(building.get("fraction", 0.0))
+            bar = "#" * int(fraction * 30)
+            print(
+                f"\r{model} v{version} [{bar:<30}] {fraction:4.0%} {building.get('stage', '')[:40]:<40}", end="", file=sys.stderr
+            )
+            drawn = True
+    return info
+
+
+def _failed() -> Any:
+    import grpc
+
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _versions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.versions(args.model)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = [["VERSION", "STATE", "PUSHED BY", "PUSHED AT", "BUILD", "REASON"]]
+    for row in rows:
+        build = f"{float(row['build_seconds']):.2f} s" if float(row.get("build_seconds") or 0) else "-"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row["pushed_at"])))
+        table.append([str(row["version"]), row["state"], row["pushed_by"], when, build, row.get("reason", "")[:60]])
+    _print_table(table)
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _report(args, client.activate(args.model, args.version))
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _report(args, client.rollback(args.model, args.to))
+
+
+def _delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete(args.model, args.version)
+    print(
+        json.dumps({"model": args.model, "version": args.version, "deleted": True})
+        if args.json
+        else f"deleted {args.model} version {args.version}"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace, info: dict[str, Any]) -> int:
+    print(json.dumps(info) if args.json else f"{info['model']} version {info['version']}: serving")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if not args.watch:
+            _print_status(client.status(args.model), args.json)
+            return 0
+        for status in client.watch(args.model):
+            _print_status(status, args.json)
+    return 0
+
+
+def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status), flush=True)
+        return
+    table = [["MODEL", "ACTIVE", "BUILDING", "RESIDENT", "MEMORY"]]
+    for model in status["models"]:
+        building = model.get("building")
+        progress = f"v{building['version']} {float(building['fraction']):.0%} {building['stage']}" if building else "-"
+        resident = ",".join(str(v) for v in model["resident_versions"]) or "-"
+        memory = (int(model["active_bytes"]) + int(model["resident_bytes"])) / 1e6
+        table.append([model["model"], str(model["active_version"] or "-"), progress, resident, f"{memory:.1f} MB"])
+    _print_table(table)
+    print(f"device {status['device']}, ingredients {int(status['ingredient_bytes']) / 1e6:.1f} MB", flush=True)
+
+
+def show_spec(args: argparse.Namespace) -> int:
+    import yaml
+
+    with _client(args) as client:
+        info, document = client.spec(args.model, args.version)
+    if args.json:
+        print(json.dumps({"version": info, "spec": document}))
+    else:
+        print(f"# {info['model']} version {info['version']} ({info['state']}), pushed by {info['pushed_by']}")
+        print(yaml.safe_dump(document, sort_keys=False), end="")
+    return 0
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "push": _push,
+    "versions": _versions,
+    "activate": _activate,
+    "rollback": _rollback,
+    "delete": _delete,
+    "status": _status,
+}
