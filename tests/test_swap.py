@@ -1,0 +1,199 @@
+"""Hot swaps under traffic, the operator API's answers to bad input, and bearer tokens.
+
+A real server runs in this process on a free port; clients are ``tritonclient.grpc`` for
+inference and ``tureen_client`` (the operator library) for the admin API.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from safetensors.torch import save_file
+from tritonclient.utils import InferenceServerException
+from tureen_client import SoupClient, SoupClientError
+
+from helpers import digits_spec, hand_average, running_app, write_ingredients, write_spec
+from tureen.demo.models import DigitsMLP
+from tureen.spec import load_spec
+
+NAMES = ["ft-0", "ft-1", "ft-2"]
+
+
+def weights_of(k: int) -> dict[str, float]:
+    """Version k's blend: a different weighting of the three ingredients for every k."""
+    return {"ft-0": 1.0, "ft-1": 0.1 + 0.15 * k, "ft-2": 2.0 / (1 + k)}
+
+
+def bare_forward(states: dict, weights: dict[str, float], x: np.ndarray) -> np.ndarray:
+    module = DigitsMLP(hidden=8)
+    module.load_state_dict({k: v.float() for k, v in hand_average(states, weights).items()})
+    with torch.inference_mode():
+        return module(torch.from_numpy(x))["logits"].numpy()
+
+
+@pytest.fixture
+def soup(tmp_path: Path) -> tuple[Path, dict]:
+    states = write_ingredients(tmp_path, 3)
+    return tmp_path, states
+
+
+def spec_file(folder: Path, k: int) -> Path:
+    return write_spec(folder, digits_spec(NAMES, merge={"weights": weights_of(k)}), f"v{k}.yaml")
+
+
+def infer(client: grpcclient.InferenceServerClient, x: np.ndarray, **kwargs: Any) -> tuple[int, np.ndarray]:
+    tensor = grpcclient.InferInput("pixels", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer("digits", [tensor], **kwargs)
+    return int(result.get_response().model_version), result.as_numpy("logits")
+
+
+def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_blends(soup: tuple[Path, dict]) -> None:
+    folder, states = soup
+    x = np.random.default_rng(0).uniform(0, 16, size=(4, 64)).astype(np.float32)
+    with running_app([load_spec(spec_file(folder, 1))], keep_versions=2) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        stop = threading.Event()
+        seen: list[list[tuple[float, int, np.ndarray]]] = [[] for _ in range(8)]
+        failures: list[str] = []
+
+        def client_loop(i: int) -> None:
+            client = grpcclient.InferenceServerClient(address)
+            try:
+                while not stop.is_set():
+                    try:
+                        version, logits = infer(client, x)
+                    except InferenceServerException as exc:
+                        failures.append(f"{exc.status()} {exc.message()}")
+                        continue
+                    seen[i].append((time.monotonic(), version, logits))
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        weights = {1: weights_of(1)}
+        backwards: list[float] = []  # when a rollback or an activation of an older version began
+        with SoupClient(address) as soups:
+            for k in range(2, 22):  # 20 pushes
+                info = soups.push(spec_file(folder, k), wait=True)
+                weights[int(info["version"])] = weights_of(k)
+                assert info["state"] == "active"
+                if k % 5 == 0:
+                    backwards.append(time.monotonic())
+                    soups.rollback("digits")
+                if k % 7 == 0:
+                    backwards.append(time.monotonic())
+                    soups.activate("digits", int(info["version"]) - 3)
+                    soups.activate("digits", int(info["version"]))
+            time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+    assert failures == []
+    expected = {version: bare_forward(states, w, x) for version, w in weights.items()}
+    versions_seen = set()
+    for responses in seen:
+        assert responses, "a client got no response at all"
+        for (at, version, _), (_, before, _) in zip(responses[1:], responses, strict=False):
+            if version < before:
+                assert any(t <= at for t in backwards), f"version went back from {before} to {version} without a rollback"
+        for _, version, logits in responses:
+            np.testing.assert_allclose(logits, expected[version], rtol=1e-4, atol=1e-5)
+            versions_seen.add(version)
+    assert len(versions_seen) >= 5  # traffic really flowed across swaps
+
+
+def test_bad_pushes_and_actions_get_clear_statuses_and_the_blend_keeps_serving(soup: tuple[Path, dict]) -> None:
+    folder, states = soup
+    x = np.random.default_rng(1).uniform(0, 16, size=(2, 64)).astype(np.float32)
+    with running_app([load_spec(spec_file(folder, 1))]) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        client = grpcclient.InferenceServerClient(address)
+        soups = SoupClient(address)
+
+        def refused(call: Any, code: grpc.StatusCode, *fragments: str) -> None:
+            with pytest.raises(SoupClientError) as caught:
+                call()
+            assert caught.value.code == code, str(caught.value)
+            for fragment in fragments:
+                assert fragment in str(caught.value)
+            version, logits = infer(client, x)  # still version 1, still right
+            assert version == 1
+            np.testing.assert_allclose(logits, bare_forward(states, weights_of(1), x), rtol=1e-4, atol=1e-5)
+
+        bad = digits_spec(NAMES, merge={"weights": {"ft-0": 1.0, "ft-9": 1.0}})
+        refused(lambda: soups.push(bad), grpc.StatusCode.INVALID_ARGUMENT, "merge.weights.ft-9")
+        missing = digits_spec(["ft-0", "gone"])
+        refused(lambda: soups.push(write_spec(folder, missing, "gone.yaml"), wait=True), grpc.StatusCode.NOT_FOUND, "'gone'")
+        save_file({k: torch.full_like(v, float("nan")) for k, v in states["ft-0"].items()}, str(folder / "nan.safetensors"))
+        nan = digits_spec(["ft-1", "nan"])
+        refused(lambda: soups.push(write_spec(folder, nan, "nan.yaml"), wait=True), grpc.StatusCode.INVALID_ARGUMENT, "NaN")
+        write_ingredients(folder / "wide", 1, hidden=9)
+        wide = {**digits_spec(["ft-0"]), "ingredients": [{"name": "w", "path": "wide/ft-0.safetensors"}]}
+        refused(lambda: soups.push(write_spec(folder, wide, "wide.yaml"), wait=True), grpc.StatusCode.INVALID_ARGUMENT, "shape")
+        failed = [v for v in soups.versions("digits") if v["state"] == "failed"]
+        assert [int(v["version"]) for v in failed] == [2, 3, 4] and all(v["reason"] for v in failed)
+        refused(lambda: soups.activate("digits", 2), grpc.StatusCode.FAILED_PRECONDITION, "failed to build")
+        refused(lambda: soups.delete("digits", 1), grpc.StatusCode.FAILED_PRECONDITION, "version 1 is serving")
+        refused(lambda: soups.rollback("digits"), grpc.StatusCode.FAILED_PRECONDITION, "no earlier active version")
+        refused(lambda: soups.activate("digits", 99), grpc.StatusCode.NOT_FOUND, "no version 99")
+        refused(lambda: soups.versions("nope"), grpc.StatusCode.NOT_FOUND, "'nope'")
+        soups.delete("digits", 2)
+        assert [int(v["version"]) for v in soups.versions("digits")] == [1, 3, 4]
+        soups.close()
+        client.close()
+
+
+def test_admin_calls_need_the_token_and_inference_its_own(soup: tuple[Path, dict]) -> None:
+    folder, _ = soup
+    x = np.zeros((1, 64), dtype=np.float32)
+    with running_app([load_spec(spec_file(folder, 1))], admin_token="s3cret", inference_token="let-me-in") as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        for token, fragment in ((None, "need 'authorization: Bearer"), ("wrong", "not valid for admin")):
+            with SoupClient(address, token=token) as soups, pytest.raises(SoupClientError) as caught:
+                soups.status()
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED and fragment in str(caught.value)
+        with SoupClient(address, token="s3cret") as soups:
+            assert soups.status()["models"][0]["active_version"] == "1"
+            with pytest.raises(SoupClientError) as caught:  # the inference token is not an admin token
+                SoupClient(address, token="let-me-in").status()
+            assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        client = grpcclient.InferenceServerClient(address)
+        with pytest.raises(InferenceServerException) as refused:
+            infer(client, x)
+        assert "UNAUTHENTICATED" in str(refused.value.status())
+        assert infer(client, x, headers={"authorization": "Bearer let-me-in"})[0] == 1
+        assert client.is_server_live(headers={"authorization": "Bearer let-me-in"})
+        client.close()
+
+
+def test_tritonclient_load_model_pushes_a_spec_and_unload_stops_serving(soup: tuple[Path, dict]) -> None:
+    import json
+
+    folder, states = soup
+    x = np.random.default_rng(2).uniform(0, 16, size=(2, 64)).astype(np.float32)
+    with running_app([load_spec(spec_file(folder, 1))]) as app:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{app.grpc_port}")
+        document = load_spec(spec_file(folder, 3)).model_dump(mode="json", by_alias=True, exclude_none=True)
+        client.load_model("digits", config=json.dumps(document))
+        version, logits = infer(client, x)
+        assert version == 2
+        np.testing.assert_allclose(logits, bare_forward(states, weights_of(3), x), rtol=1e-4, atol=1e-5)
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert index == [{"name": "digits", "version": "2", "state": "READY"}]
+        client.unload_model("digits")
+        assert not client.is_model_ready("digits")
+        client.load_model("digits")
+        assert infer(client, x)[0] == 2
+        client.close()
