@@ -90,17 +90,12 @@ def main() -> None:
             app.build_all()
             address = f"127.0.0.1:{app.grpc_port}"
             soups, client = SoupClient(address), grpcclient.InferenceServerClient(address)
-            print(
-                f"torch {torch.__version__}, {torch.get_num_threads()} threads; big model: {params / 1e6:.1f}M float32 parameters"
-            )
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; big model: {params / 1e6:.1f}M float32")
             demo = [push_to_serving(soups, client, document("digits", 128, small, k)) for k in range(1, 4)]
             large = [push_to_serving(soups, client, document("big", args.hidden, big, k)) for k in range(1, 4)]
-            print(
-                f"push-to-serving, demo model (4 ingredients):  best {min(demo) * 1e3:7.1f} ms, median {statistics.median(demo) * 1e3:7.1f} ms"
-            )
-            print(
-                f"push-to-serving, {params / 1e6:.0f}M model (4 ingredients): best {min(large) * 1e3:7.1f} ms, median {statistics.median(large) * 1e3:7.1f} ms"
-            )
+            for label, times in (("demo model", demo), (f"{params / 1e6:.0f}M model", large)):
+                best, median = min(times) * 1e3, statistics.median(times) * 1e3
+                print(f"push-to-serving, {label} (4 ingredients): best {best:7.1f} ms, median {median:7.1f} ms")
 
             samples: list[float] = []
             recording = threading.Event()
