@@ -2,7 +2,8 @@
 
     python bench/swap.py [--hidden 9950] [--steady 5] [--swaps 10]
 
-Two models are served by one in-process server on a free port: the demo's architecture
+Two models are served by one server process (started here, on a free port; the clients run
+in this process, as they would in another program): the demo's architecture
 (``digits``, hidden 128) and the same MLP at ``--hidden`` (about 100M float32 parameters at
 the default), each from 4 ingredients already loaded into the pool. It prints:
 
@@ -15,6 +16,7 @@ the default), each from 4 ingredients already loaded into the pool. It prints:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -52,6 +54,18 @@ def document(model: str, hidden: int, paths: list[str], k: int) -> dict:
     }
 
 
+def serve(documents: list[dict], store: str, ports: multiprocessing.Queue[int]) -> None:
+    """The server process: build both models, report the port, serve until terminated."""
+    from tureen.spec import parse_spec
+
+    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", store=store)
+    app = App([parse_spec(d) for d in documents], settings)
+    app.start()
+    app.build_all()
+    ports.put(app.grpc_port)
+    threading.Event().wait()
+
+
 def infer_version(client: grpcclient.InferenceServerClient, model: str) -> int:
     tensor = grpcclient.InferInput("pixels", [1, 64], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 64), dtype=np.float32))
@@ -81,14 +95,14 @@ def main() -> None:
         folder = Path(tmp)
         small, big = write_ingredients(folder, 128), write_ingredients(folder, args.hidden)
         params = sum(t.numel() for t in DigitsMLP(hidden=args.hidden).state_dict().values())
-        settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", store=str(folder / "store"))
-        from tureen.spec import parse_spec
-
-        app = App([parse_spec(document("digits", 128, small, 0)), parse_spec(document("big", args.hidden, big, 0))], settings)
-        app.start()
+        documents = [document("digits", 128, small, 0), document("big", args.hidden, big, 0)]
+        context = multiprocessing.get_context("spawn")
+        ports: multiprocessing.Queue[int] = context.Queue()
+        server = context.Process(target=serve, args=(documents, str(folder / "store"), ports), daemon=True)
+        server.start()
         try:
-            app.build_all()
-            address = f"127.0.0.1:{app.grpc_port}"
+            port = ports.get(timeout=300)
+            address = f"127.0.0.1:{port}"
             soups, client = SoupClient(address), grpcclient.InferenceServerClient(address)
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; big model: {params / 1e6:.1f}M float32")
             demo = [push_to_serving(soups, client, document("digits", 128, small, k)) for k in range(1, 4)]
@@ -137,7 +151,8 @@ def main() -> None:
             soups.close()
             client.close()
         finally:
-            app.stop()
+            server.terminate()
+            server.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,27 @@ def test_tritonclient_load_model_pushes_a_spec_and_unload_stops_serving(soup: tu
         client.load_model("digits")
         assert infer(client, x)[0] == 2
         client.close()
+
+
+def test_a_build_reuses_the_memory_of_the_blend_it_pushes_out_unless_a_request_still_holds_it(soup: tuple[Path, dict]) -> None:
+    folder, states = soup
+    x = np.random.default_rng(3).uniform(0, 16, size=(2, 64)).astype(np.float32)
+    with running_app([load_spec(spec_file(folder, 1))], keep_versions=1) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        first = app.repository.active("digits")
+        pointer = first.weights["net.0.weight"].data_ptr()
+        del first
+        client = grpcclient.InferenceServerClient(address)
+        with SoupClient(address) as soups:
+            soups.push(spec_file(folder, 2), wait=True)  # v1 stays resident for rollback
+            second = app.repository.active("digits")  # held here, as a request in flight would hold it
+            held = second.weights["net.0.weight"].data_ptr()
+            soups.push(spec_file(folder, 3), wait=True)  # pushes v1 out: v3 is merged into its memory
+            assert app.repository.active("digits").weights["net.0.weight"].data_ptr() == pointer
+            np.testing.assert_allclose(infer(client, x)[1], bare_forward(states, weights_of(3), x), rtol=1e-4, atol=1e-5)
+            soups.push(spec_file(folder, 4), wait=True)  # would push v2 out, but v2 is still held
+            assert app.repository.active("digits").weights["net.0.weight"].data_ptr() != held
+            with torch.inference_mode():
+                logits = second.module(torch.from_numpy(x))["logits"].numpy()
+            np.testing.assert_allclose(logits, bare_forward(states, weights_of(2), x), rtol=1e-4, atol=1e-5)
+        client.close()

@@ -39,6 +39,8 @@ class Blend:
     """Set when warm-up saw ``forward`` write into its inputs, which are views of request bytes."""
     checksums: Mapping[str, str] = field(default_factory=dict)
     """sha256 of each ingredient it was merged from, by ingredient name."""
+    weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """The merged tensors (views of one buffer) that ``module`` holds; a later build may reuse them."""
 
     def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to the blend's device; floating inputs take the blend's dtype."""

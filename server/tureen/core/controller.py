@@ -13,11 +13,15 @@ process activated a version, this one builds it (or finds it resident) and swaps
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+
+import torch
 
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.kitchen import Kitchen
@@ -70,7 +74,10 @@ class Controller:
         self._observer = observer
         self.keep = keep
         self.poll_seconds = poll_seconds
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-build")
+        # One build at a time, on a thread of lowered priority: merging competes with requests
+        # for the same cores, and requests should win. The thread's OpenMP workers, which it
+        # starts itself, inherit its priority.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-build", initializer=_lower_priority)
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
         self._resident: dict[str, list[Blend]] = {}
@@ -289,6 +296,12 @@ class Controller:
         return blend
 
     def _build(self, stored: StoredVersion) -> Blend:
+        """Build on the builder thread (waiting for it when called from elsewhere)."""
+        if threading.current_thread().name.startswith("tureen-build"):
+            return self._build_here(stored)
+        return self._builder.submit(self._build_here, stored).result()
+
+    def _build_here(self, stored: StoredVersion) -> Blend:
         if stored.state == "failed":
             raise VersionConflict(
                 f"model {stored.model!r} version {stored.version} failed to build ({stored.reason}); push a fixed spec"
@@ -301,7 +314,7 @@ class Controller:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
         try:
-            blend = self.kitchen.build(stored.spec, version, progress)
+            blend = self.kitchen.build(stored.spec, version, progress, into=self._donor(model))
         except SoupError as exc:
             self._observer.build_failed(model, exc.reason)
             self.store.record(stored, "failed", reason=str(exc))
@@ -315,6 +328,27 @@ class Controller:
             self._set_building(None, model)
         self.store.record(stored, "ready", build_seconds=round(blend.build_seconds, 3), checksums=dict(blend.checksums))
         return blend
+
+    def _donor(self, model: str) -> Mapping[str, torch.Tensor] | None:
+        """The weights of the resident blend this build will push out, for the build to reuse.
+
+        With ``keep`` blends resident, the swap after this build drops the oldest; giving it up
+        now lets the merge write into memory that is already mapped, instead of faulting in a
+        new blend's worth, and keeps the peak at active + ``keep`` blends. It is reused only
+        when no request holds it any more.
+        """
+        with self._lock:
+            resident = self._resident.get(model, [])
+            if not resident or len(resident) < self.keep:
+                return None
+            oldest = resident.pop()
+            weights, still_used = oldest.weights, weakref.ref(oldest)
+            del oldest
+            if still_used() is not None:  # a request started long ago is still on it
+                resident.append(still_used())  # type: ignore[arg-type]
+                return None
+            self._observer.resident_memory(model, sum(b.nbytes for b in resident))
+            return weights
 
     def _resident_blend(self, model: str, version: int) -> Blend | None:
         with self._lock:
@@ -372,3 +406,14 @@ class Controller:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+
+BUILD_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's scheduling priority (Linux: per-thread niceness)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: builds run at normal priority
+        _log.debug("cannot lower the build thread's priority")

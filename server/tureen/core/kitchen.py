@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import torch
@@ -56,10 +56,18 @@ class Kitchen:
         check_compatible(spec, ingredients)
         return mix(spec, ingredients, kernels=self.kernels)
 
-    def build(self, spec: SoupSpec, version: int, progress: Progress | None = None) -> Blend:
+    def build(
+        self,
+        spec: SoupSpec,
+        version: int,
+        progress: Progress | None = None,
+        into: Mapping[str, torch.Tensor] | None = None,
+    ) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
 
-        ``progress(stage, fraction)`` hears where the build is, for status reports.
+        ``progress(stage, fraction)`` hears where the build is, for status reports. ``into`` is
+        the weights of a retired blend that no request uses any more: when its layout fits,
+        the merge writes there instead of into fresh memory (no page faults, no new memory).
         """
         started = time.perf_counter()
         if spec.architecture is None:
@@ -71,7 +79,14 @@ class Kitchen:
         check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
         if progress is not None:
             progress("merging", 0.6)
-        merged = mix(spec, ingredients, kernels=self.kernels)
+        merged = None
+        if into is not None:
+            try:
+                merged = mix(spec, ingredients, kernels=self.kernels, into=into)
+            except ValueError:  # another layout (architecture or dtype changed): fresh memory
+                merged = None
+        if merged is None:
+            merged = mix(spec, ingredients, kernels=self.kernels)
         if progress is not None:
             progress("warming up", 0.9)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
@@ -86,6 +101,7 @@ class Kitchen:
             build_seconds=time.perf_counter() - started,
             spec=spec,
             checksums={name: ingredient.digest for name, ingredient in ingredients.items()},
+            weights=merged,
         )
         blend = _warm_up(blend)
         self._observer.blend_built(spec.model, version, blend.build_seconds)

@@ -88,9 +88,12 @@ def mix(
     names = [i.name for i in plan.mixed]
     out_dtype = BLEND_DTYPES[spec.dtype]
     layout = [(key, t.shape, out_dtype if t.is_floating_point() else t.dtype) for key, t in reference.items()]
-    merged = dict(into) if into is not None else carve(layout, next(iter(reference.values())).device)
-    if into is not None and [(k, t.shape, t.dtype) for k, t in merged.items()] != layout:
+    device = next(iter(reference.values())).device
+    if into is not None and [(k, t.shape, t.dtype) for k, t in into.items()] != layout:
         raise ValueError("mix: the buffer to merge into has another layout than the blend")
+    if into is not None and any(t.device != device for t in into.values()):
+        raise ValueError("mix: the buffer to merge into is on another device")
+    merged = dict(into) if into is not None else carve(layout, device)
     compiled = _use_compiled(kernels, spec, ingredients)
     base = ingredients[spec.merge.base].tensors if spec.merge.base else None
     done = 0
