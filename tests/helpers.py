@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from tureen.app import App, Settings
@@ -165,3 +167,18 @@ def combine(
     names = [f"ing-{i}" for i in range(len(tensors))]
     job = TensorJob(name=name, tensors=tensors, ingredients=names, base=base, glob=glob, per=per, compiled=compiled)
     return REGISTRY[method].combine(job)
+
+
+def scrape(app: App) -> str:
+    """The app's /metrics page, over HTTP."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with these labels in a scraped page (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import torch
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from helpers import digits_spec, hand_average, running_app, write_ingredients, write_spec
+from helpers import digits_spec, hand_average, running_app, sample, scrape, write_ingredients, write_spec
 from tureen.app import App
 from tureen.demo.models import DigitsMLP
 from tureen.spec import load_spec
@@ -184,19 +182,6 @@ def test_health_and_reflection(soup: tuple[App, dict]) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING, service
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
-
-
-def scrape(app: App) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
 
 
 def test_metrics_count_requests_by_model_version_and_reason(

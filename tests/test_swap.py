@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 from tureen_client import SoupClient, SoupClientError
 
-from helpers import digits_spec, hand_average, running_app, write_ingredients, write_spec
+from helpers import digits_spec, hand_average, running_app, sample, scrape, write_ingredients, write_spec
 from tureen.demo.models import DigitsMLP
 from tureen.spec import load_spec
 
@@ -221,3 +221,22 @@ def test_a_build_reuses_the_memory_of_the_blend_it_pushes_out_unless_a_request_s
                 logits = second.module(torch.from_numpy(x))["logits"].numpy()
             np.testing.assert_allclose(logits, bare_forward(states, weights_of(2), x), rtol=1e-4, atol=1e-5)
         client.close()
+
+
+def test_swaps_builds_and_failures_are_counted_in_the_metrics(soup: tuple[Path, dict]) -> None:
+    folder, _ = soup
+    with running_app([load_spec(spec_file(folder, 1))], keep_versions=1) as app:
+        with SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
+            soups.push(spec_file(folder, 2), wait=True)
+            soups.rollback("digits")
+            with pytest.raises(SoupClientError):
+                soups.push(write_spec(folder, digits_spec(["ft-0", "gone"]), "gone.yaml"), wait=True)
+        text = scrape(app)
+        assert sample(text, "tureen_swaps_total", model="digits") == 3  # v1 at start, v2, back to v1
+        assert sample(text, "tureen_builds_total", model="digits") == 2  # the rollback was a swap, no build
+        assert sample(text, "tureen_build_failures_total", model="digits", reason="ingredient_missing") == 1
+        assert sample(text, "tureen_active_version", model="digits") == 1
+        assert sample(text, "tureen_resident_blend_memory_bytes", model="digits") == sample(
+            text, "tureen_blend_memory_bytes", model="digits"
+        )
+        assert sample(text, "tureen_swap_duration_seconds_count", model="digits") == 3

@@ -314,7 +314,7 @@ class Controller:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
         try:
-            blend = self.kitchen.build(stored.spec, version, progress, into=self._donor(model))
+            blend = self.kitchen.build(stored.spec, version, progress, donor=lambda: self._donor(model))
         except SoupError as exc:
             self._observer.build_failed(model, exc.reason)
             self.store.record(stored, "failed", reason=str(exc))
@@ -333,9 +333,10 @@ class Controller:
         """The weights of the resident blend this build will push out, for the build to reuse.
 
         With ``keep`` blends resident, the swap after this build drops the oldest; giving it up
-        now lets the merge write into memory that is already mapped, instead of faulting in a
-        new blend's worth, and keeps the peak at active + ``keep`` blends. It is reused only
-        when no request holds it any more.
+        as the merge starts (ingredients loaded and checked, so most bad pushes never get here)
+        lets the merge write into memory that is already mapped instead of faulting in a new
+        blend's worth, and keeps the peak at active + ``keep`` blends. It is reused only when no
+        request holds it any more; a build that fails after this point has cost that rollback.
         """
         with self._lock:
             resident = self._resident.get(model, [])

@@ -61,12 +61,13 @@ class Kitchen:
         spec: SoupSpec,
         version: int,
         progress: Progress | None = None,
-        into: Mapping[str, torch.Tensor] | None = None,
+        donor: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
     ) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
 
-        ``progress(stage, fraction)`` hears where the build is, for status reports. ``into`` is
-        the weights of a retired blend that no request uses any more: when its layout fits,
+        ``progress(stage, fraction)`` hears where the build is, for status reports. ``donor()``,
+        called once the ingredients are loaded and checked, right before merging, may hand over
+        the weights of a retired blend that no request uses any more: when their layout fits,
         the merge writes there instead of into fresh memory (no page faults, no new memory).
         """
         started = time.perf_counter()
@@ -80,6 +81,7 @@ class Kitchen:
         if progress is not None:
             progress("merging", 0.6)
         merged = None
+        into = donor() if donor is not None else None
         if into is not None:
             try:
                 merged = mix(spec, ingredients, kernels=self.kernels, into=into)

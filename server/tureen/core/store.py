@@ -4,6 +4,7 @@ Layout under the root::
 
     models/<model>/versions/00000007.json        the pushed spec and who pushed it: written once
     models/<model>/versions/00000007.state.json  build state, failure reason, checksums: rewritten
+    models/<model>/versions/00000006.deleted     a deleted version: its number stays taken
     models/<model>/active.json                   the active version and the versions active before
 
 Every file is written whole to a temporary name, fsynced, then renamed (or linked) into place
@@ -31,6 +32,7 @@ from tureen.spec import SoupSpec, parse_spec, spec_document
 
 State = Literal["stored", "building", "ready", "failed"]
 _VERSION_FILE = re.compile(r"^(\d{8})\.json$")
+_TAKEN = re.compile(r"^(\d{8})\.(?:json|deleted)$")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,9 @@ class SpecStore:
         try:
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{version:08d}.state.json").unlink()
-            (folder / f"{version:08d}.json").unlink()
+            # A tombstone keeps the number taken: a later push never reuses it, so a number in
+            # an old pointer history or a log always means the spec it meant then.
+            os.replace(folder / f"{version:08d}.json", folder / f"{version:08d}.deleted")
             _fsync_dir(folder)
         except OSError as exc:
             raise StoreError(f"store {folder}: cannot delete version {version}: {exc.strerror or exc}") from None
@@ -188,8 +192,13 @@ class SpecStore:
         return folder
 
     def _next_version(self, model: str) -> int:
-        numbers = self.version_numbers(model)
-        return (numbers[-1] if numbers else 0) + 1
+        folder = self._versions(model)
+        try:
+            names = os.listdir(folder)
+        except OSError as exc:
+            raise StoreError(f"store {folder}: cannot list: {exc.strerror or exc}") from None
+        numbers = [int(m.group(1)) for m in map(_TAKEN.match, names) if m]
+        return max(numbers, default=0) + 1
 
     def _write_temp(self, folder: Path, record: dict[str, Any]) -> Path:
         tmp = folder / f".{uuid.uuid4().hex}.tmp"
