@@ -6,6 +6,8 @@ inference and ``tureen_client`` (the operator library) for the admin API.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -240,3 +242,98 @@ def test_swaps_builds_and_failures_are_counted_in_the_metrics(soup: tuple[Path, 
             text, "tureen_blend_memory_bytes", model="digits"
         )
         assert sample(text, "tureen_swap_duration_seconds_count", model="digits") == 3
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        extra = ["-extfile", "san.ext"] if name == "server" else []
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            *extra,
+        )
+    return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_tls_with_client_certificates_serves_both_apis_and_refuses_clients_without_one(soup: tuple[Path, dict]) -> None:
+    folder, _ = soup
+    certs = make_certificates(folder)
+    read = {name: path.read_bytes() for name, path in certs.items()}
+    settings = {"tls_cert": str(certs["server.pem"]), "tls_key": str(certs["server.key"]), "tls_client_ca": str(certs["ca.pem"])}
+    with running_app([load_spec(spec_file(folder, 1))], **settings) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        with (
+            SoupClient(address, root_certificates=read["ca.pem"], timeout=10) as anonymous,
+            pytest.raises(SoupClientError) as caught,
+        ):
+            anonymous.status()
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # the handshake fails without a client certificate
+        mutual = {"root_certificates": read["ca.pem"], "private_key": read["client.key"], "certificate_chain": read["client.pem"]}
+        with SoupClient(address, **mutual) as soups:
+            assert soups.push(spec_file(folder, 2), wait=True)["state"] == "active"
+        client = grpcclient.InferenceServerClient(
+            address,
+            ssl=True,
+            root_certificates=str(certs["ca.pem"]),
+            private_key=str(certs["client.key"]),
+            certificate_chain=str(certs["client.pem"]),
+        )
+        assert infer(client, np.zeros((1, 64), dtype=np.float32))[0] == 2
+        client.close()
+
+
+def test_no_room_for_a_second_blend_fails_the_push_unless_in_place(soup: tuple[Path, dict]) -> None:
+    folder, states = soup
+    x = np.random.default_rng(4).uniform(0, 16, size=(2, 64)).astype(np.float32)
+    with running_app([load_spec(spec_file(folder, 1))], blend_memory_bytes=4000) as app:  # one blend is 2728 bytes
+        address = f"127.0.0.1:{app.grpc_port}"
+        client = grpcclient.InferenceServerClient(address)
+        with SoupClient(address) as soups:
+            with pytest.raises(SoupClientError) as caught:
+                soups.push(spec_file(folder, 2), wait=True)
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the blend needs 2.7 KiB" in str(caught.value) and "--blend-memory-mb" in str(caught.value)
+            assert infer(client, x)[0] == 1
+            assert soups.push(spec_file(folder, 3), wait=True, in_place=True)["state"] == "active"
+            version, logits = infer(client, x)
+            assert version == 3
+            np.testing.assert_allclose(logits, bare_forward(states, weights_of(3), x), rtol=1e-4, atol=1e-5)
+            with pytest.raises(SoupClientError) as caught:  # an in-place build that fails brings the previous back
+                soups.push(write_spec(folder, digits_spec(["ft-0", "gone"]), "gone.yaml"), wait=True, in_place=True)
+            assert caught.value.code == grpc.StatusCode.NOT_FOUND
+            assert infer(client, x)[0] == 3
+        client.close()

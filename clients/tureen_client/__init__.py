@@ -62,11 +62,15 @@ class SoupClient:
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         timeout: float | None = None,
     ) -> None:
+        """TLS when ``root_certificates`` (PEM) is given; with ``private_key`` and
+        ``certificate_chain`` too, the client presents a certificate (mTLS)."""
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates)
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(server, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(server, options=options)
@@ -84,15 +88,24 @@ class SoupClient:
         self._channel.close()
 
     def push(
-        self, spec: str | os.PathLike[str] | Mapping[str, Any], *, activate: bool = True, wait: bool = False, pushed_by: str = ""
+        self,
+        spec: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        activate: bool = True,
+        wait: bool = False,
+        in_place: bool = False,
+        pushed_by: str = "",
     ) -> dict[str, Any]:
         """Push a spec (a YAML/JSON file or a document); returns the stored version's info.
 
         Ingredient paths are read by the server; relative paths in a file are made absolute
         against the file's folder first, as ``tureen serve --spec`` would read them.
+        ``in_place`` swaps with a short pause when the device has no room for a second blend.
         """
         document = spec_document(spec)
-        request = pb.PushSpecRequest(spec_json=json.dumps(document), activate=activate, wait=wait, pushed_by=pushed_by or _who())
+        request = pb.PushSpecRequest(
+            spec_json=json.dumps(document), activate=activate, wait=wait, in_place=in_place, pushed_by=pushed_by or _who()
+        )
         return _dict(self._call(self._stub.PushSpec, request).version)
 
     def spec(self, model: str, version: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -43,6 +43,8 @@ class Settings:
     """The spec store's directory; None keeps specs in a temporary directory, gone at exit."""
     keep_versions: int = 1
     """Earlier blends per model kept in memory for instant rollback."""
+    blend_memory_bytes: int | None = None
+    """A cap on what all blends (active and kept) may hold together; None: the device's free memory."""
     poll_seconds: float = 1.0
     """How often the store is read for versions other replicas activated."""
     admin_token: str | None = None
@@ -85,7 +87,13 @@ class App:
             _log.warning("no --store: pushed specs live in %s and are lost at exit", self._scratch.name)
         self.store = SpecStore(settings.store or self._scratch.name)  # type: ignore[union-attr]
         self.controller = Controller(
-            self.store, self.kitchen, self.repository, observer, keep=settings.keep_versions, poll_seconds=settings.poll_seconds
+            self.store,
+            self.kitchen,
+            self.repository,
+            observer,
+            keep=settings.keep_versions,
+            poll_seconds=settings.poll_seconds,
+            memory_limit=settings.blend_memory_bytes,
         )
         for spec, source in zip(self.specs, self.sources, strict=True):
             self.controller.seed(spec, source)

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="earlier blends per model kept in memory for instant rollback (default: 1)",
     )
     serve.add_argument(
+        "--blend-memory-mb",
+        type=_positive,
+        metavar="MB",
+        help="cap on the memory all blends (active and kept) hold together; a build past it fails "
+        "with RESOURCE_EXHAUSTED (default: no cap, the device's free memory decides)",
+    )
+    serve.add_argument(
         "--store-poll-seconds", type=float, default=1.0, metavar="S", help="how often replicas read the store (default: 1)"
     )
     serve.add_argument(
@@ -200,6 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
         merge_kernels=args.merge_kernels,
         store=store,
         keep_versions=args.keep_versions,
+        blend_memory_bytes=args.blend_memory_mb * 1024 * 1024 if args.blend_memory_mb else None,
         poll_seconds=args.store_poll_seconds,
         admin_token=_token(args.admin_token_file, "TUREEN_ADMIN_TOKEN", "--admin-token-file"),
         inference_token=_token(args.inference_token_file, "TUREEN_INFERENCE_TOKEN", "--inference-token-file"),

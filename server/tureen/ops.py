@@ -29,6 +29,8 @@ def _client_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--token-file", metavar="F", help="bearer token for admin calls (default: $TUREEN_ADMIN_TOKEN)")
     command.add_argument("--tls-ca", metavar="F", help="connect with TLS, trusting this CA (PEM)")
+    command.add_argument("--tls-cert", metavar="F", help="with --tls-ca: present this client certificate (mTLS)")
+    command.add_argument("--tls-key", metavar="F", help="the client certificate's private key")
     command.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
@@ -37,6 +39,11 @@ def add_commands(commands: Any, spec_commands: Any) -> None:
     push.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON); ingredient paths are read by the server")
     push.add_argument("--no-activate", action="store_true", help="store and build only; activate later")
     push.add_argument("--wait", action="store_true", help="wait for the build (and the swap), showing progress")
+    push.add_argument(
+        "--in-place",
+        action="store_true",
+        help="when there is no room for a second blend: stop serving the model while the new one builds (a short pause)",
+    )
     _client_options(push)
     versions = commands.add_parser("versions", help="list a model's versions and their states")
     versions.add_argument("model")
@@ -64,13 +71,21 @@ def add_commands(commands: Any, spec_commands: Any) -> None:
 
 
 def _client(args: argparse.Namespace) -> SoupClient:
-    roots = None
-    if args.tls_ca:
+    def read(path: str | None, flag: str) -> bytes | None:
+        if not path:
+            return None
         try:
-            roots = Path(args.tls_ca).read_bytes()
+            return Path(path).read_bytes()
         except OSError as exc:
-            raise SoupClientError(_invalid(), f"--tls-ca: {exc.strerror or exc}") from None
-    return SoupClient(args.server, token=read_token(args.token_file), root_certificates=roots)
+            raise SoupClientError(_invalid(), f"{flag}: {exc.strerror or exc}") from None
+
+    return SoupClient(
+        args.server,
+        token=read_token(args.token_file),
+        root_certificates=read(args.tls_ca, "--tls-ca"),
+        private_key=read(args.tls_key, "--tls-key"),
+        certificate_chain=read(args.tls_cert, "--tls-cert"),
+    )
 
 
 def _invalid() -> Any:
@@ -81,7 +96,7 @@ def _invalid() -> Any:
 
 def _push(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        info = client.push(args.spec, activate=not args.no_activate, wait=False)
+        info = client.push(args.spec, activate=not args.no_activate or args.in_place, wait=False, in_place=args.in_place)
         if args.wait:
             info = _follow(client, info, activate=not args.no_activate, quiet=args.json)
         if args.json:

@@ -25,9 +25,10 @@ import torch
 
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.kitchen import Kitchen
+from tureen.core.memory import available_bytes
 from tureen.core.observer import Observer
 from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import ModelNotFound, SoupError, VersionConflict
+from tureen.errors import ModelNotFound, OutOfMemory, SoupError, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -67,13 +68,16 @@ class Controller:
         *,
         keep: int = 1,
         poll_seconds: float = 1.0,
+        memory_limit: int | None = None,
     ) -> None:
+        """``memory_limit``: bytes all blends (active and kept) may hold on the device together."""
         self.store = store
         self.kitchen = kitchen
         self.repository = repository
         self._observer = observer
         self.keep = keep
         self.poll_seconds = poll_seconds
+        self.memory_limit = memory_limit
         # One build at a time, on a thread of lowered priority: merging competes with requests
         # for the same cores, and requests should win. The thread's OpenMP workers, which it
         # starts itself, inherit its priority.
@@ -132,7 +136,9 @@ class Controller:
 
     # ---- operator actions --------------------------------------------------------------------
 
-    def push(self, spec: SoupSpec, by: str, *, activate: bool = True, wait: bool = False) -> StoredVersion:
+    def push(
+        self, spec: SoupSpec, by: str, *, activate: bool = True, wait: bool = False, in_place: bool = False
+    ) -> StoredVersion:
         """Store ``spec`` as the next version and build it (then activate it, unless told not to).
 
         Returns once stored, or with ``wait`` once built and (when asked) active; a failed build
@@ -142,7 +148,10 @@ class Controller:
         self.repository.declare(spec.model)
         _log.info("model %s: version %d stored (pushed by %s)", spec.model, stored.version, by or "?")
         self._bump()
-        future: Future[Blend] = self._builder.submit(self._build_and_maybe_activate, stored, activate, by)
+        if in_place:
+            future: Future[Blend] = self._builder.submit(self._replace_in_place, stored, by)
+        else:
+            future = self._builder.submit(self._build_and_maybe_activate, stored, activate, by)
         if wait:
             future.result()
             return self.store.get(spec.model, stored.version)
@@ -268,6 +277,26 @@ class Controller:
             return self._activate(stored.model, stored.version, by=by, write_pointer=True)
         return self._build(stored)
 
+    def _replace_in_place(self, stored: StoredVersion, by: str) -> Blend:
+        """Give up the serving blend (and the kept ones) first, then build: the model pauses
+        (UNAVAILABLE) instead of needing room for two blends. A failed build brings the previous
+        version back, built again, and raises the failure."""
+        model = stored.model
+        with self._model_lock(model):
+            previous = self.repository.unload(model)
+            with self._lock:
+                self._resident[model] = []
+            self._observer.resident_memory(model, 0)
+            back = previous.version if previous is not None else None
+            del previous  # its memory goes as soon as the requests on it finish
+        _log.warning("model %s: in-place swap to version %d: paused until it serves", model, stored.version)
+        try:
+            return self._activate(model, stored.version, by=by, write_pointer=True)
+        except SoupError:
+            if back is not None:
+                self._activate(model, back, by=by, write_pointer=False)
+            raise
+
     def _activate(
         self, model: str, version: int, *, by: str, write_pointer: bool, history: tuple[int, ...] | None = None
     ) -> Blend:
@@ -314,7 +343,9 @@ class Controller:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
         try:
-            blend = self.kitchen.build(stored.spec, version, progress, donor=lambda: self._donor(model))
+            blend = self.kitchen.build(
+                stored.spec, version, progress, donor=lambda: self._donor(model), room=lambda n: self._room(model, version, n)
+            )
         except SoupError as exc:
             self._observer.build_failed(model, exc.reason)
             self.store.record(stored, "failed", reason=str(exc))
@@ -350,6 +381,22 @@ class Controller:
                 return None
             self._observer.resident_memory(model, sum(b.nbytes for b in resident))
             return weights
+
+    def _room(self, model: str, version: int, needed: int) -> None:
+        """Refuse a build whose new blend would not fit beside the blends held (see ``OutOfMemory``)."""
+        with self._lock:
+            held = sum(b.nbytes for b in self.repository.models().values() if b is not None)
+            held += sum(b.nbytes for kept in self._resident.values() for b in kept)
+        where = f"model {model!r} version {version}: the blend needs {_size(needed)}"
+        advice = "lower --keep-versions, or push in place (tureen push --in-place) to swap with a short pause"
+        if self.memory_limit is not None and held + needed > self.memory_limit:
+            raise OutOfMemory(
+                f"{where}, and blends already hold {_size(held)} of the {_size(self.memory_limit)} "
+                f"limit (--blend-memory-mb); {advice}"
+            )
+        free = available_bytes(self.kitchen.pool.device)
+        if free is not None and needed > 0.9 * free:
+            raise OutOfMemory(f"{where} but {self.kitchen.pool.device} has {_size(free)} free; {advice}")
 
     def _resident_blend(self, model: str, version: int) -> Blend | None:
         with self._lock:
@@ -407,6 +454,14 @@ class Controller:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
 
 
 BUILD_NICENESS = 10

@@ -21,7 +21,7 @@ from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.observer import Observer
 from tureen.core.recipe import check_compatible, mix
 from tureen.core.signature import Signature
-from tureen.errors import ArchitectureError, SoupError, SpecInvalid
+from tureen.errors import ArchitectureError, OutOfMemory, SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.spec import Architecture, SoupSpec
 
@@ -62,6 +62,7 @@ class Kitchen:
         version: int,
         progress: Progress | None = None,
         donor: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
+        room: Callable[[int], None] | None = None,
     ) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
 
@@ -69,6 +70,8 @@ class Kitchen:
         called once the ingredients are loaded and checked, right before merging, may hand over
         the weights of a retired blend that no request uses any more: when their layout fits,
         the merge writes there instead of into fresh memory (no page faults, no new memory).
+        Otherwise ``room(nbytes)`` is asked first whether the blend's new memory fits; it raises
+        ``OutOfMemory`` when not, before anything is allocated.
         """
         started = time.perf_counter()
         if spec.architecture is None:
@@ -88,7 +91,12 @@ class Kitchen:
             except ValueError:  # another layout (architecture or dtype changed): fresh memory
                 merged = None
         if merged is None:
-            merged = mix(spec, ingredients, kernels=self.kernels)
+            if room is not None:
+                room(_blend_bytes(spec, ingredients))
+            try:
+                merged = mix(spec, ingredients, kernels=self.kernels)
+            except (MemoryError, torch.OutOfMemoryError) as exc:
+                raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
         if progress is not None:
             progress("warming up", 0.9)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
@@ -109,6 +117,13 @@ class Kitchen:
         self._observer.blend_built(spec.model, version, blend.build_seconds)
         _log.info("model %s: version %d built in %.2f s", spec.model, version, blend.build_seconds)
         return blend
+
+
+def _blend_bytes(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> int:
+    """The size of the blend ``mix`` would allocate: the spec's dtype for floating tensors."""
+    itemsize = BLEND_DTYPES[spec.dtype].itemsize
+    source = ingredients[spec.merge.base or spec.ingredients[0].name].tensors.values()
+    return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in source)
 
 
 def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torch.Tensor], device: torch.device) -> nn.Module:

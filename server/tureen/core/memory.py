@@ -72,3 +72,19 @@ def span(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
     length = int(end - first.storage_offset())
     view = torch.empty(0, dtype=first.dtype, device=first.device)
     return view.set_(storage, first.storage_offset(), (length,), (1,)), offsets
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (Linux MemAvailable for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None

@@ -53,7 +53,8 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
     def PushSpec(self, request: pb.PushSpecRequest, context: grpc.ServicerContext) -> pb.VersionReply:
         spec = decode_spec(request.spec_json, "spec_json")
         activate = request.activate if request.HasField("activate") else True
-        stored = self._controller.push(spec, _peer_user(request.pushed_by, context), activate=activate, wait=request.wait)
+        who = _peer_user(request.pushed_by, context)
+        stored = self._controller.push(spec, who, activate=activate, wait=request.wait, in_place=request.in_place)
         return pb.VersionReply(version=encode_version(stored, self._state_of(stored)))
 
     def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.GetSpecReply:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tureen/v1/admin.proto\x12\ttureen.v1\"\xf5\x01\n\x0bVersionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpushed_by\x18\x05 \x01(\t\x12\x11\n\tpushed_at\x18\x06 \x01(\x01\x12\x15\n\rbuild_seconds\x18\x07 \x01(\x01\x12\x38\n\tchecksums\x18\x08 \x03(\x0b\x32%.tureen.v1.VersionInfo.ChecksumsEntry\x1a\x30\n\x0e\x43hecksumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x0fPushSpecRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x15\n\x08\x61\x63tivate\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x11\n\tpushed_by\x18\x04 \x01(\tB\x0b\n\t_activate\"7\n\x0cVersionReply\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.tureen.v1.VersionInfo\"0\n\x0eGetSpecRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x0cGetSpecReply\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.tureen.v1.VersionInfo\x12\x11\n\tspec_json\x18\x02 \x01(\t\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x11ListVersionsReply\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.tureen.v1.VersionInfo\"1\n\x0f\x41\x63tivateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"4\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x03\"6\n\x14\x44\x65leteVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x14\n\x12\x44\x65leteVersionReply\"!\n\x10GetStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\rBuildProgress\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\"\xa9\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12*\n\x08\x62uilding\x18\x03 \x01(\x0b\x32\x18.tureen.v1.BuildProgress\x12\x19\n\x11resident_versions\x18\x04 \x03(\x03\x12\x14\n\x0c\x61\x63tive_bytes\x18\x05 \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x03\"b\n\x0eGetStatusReply\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.tureen.v1.ModelStatus\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10ingredient_bytes\x18\x03 \x01(\x03\x32\xba\x04\n\tSoupAdmin\x12?\n\x08PushSpec\x12\x1a.tureen.v1.PushSpecRequest\x1a\x17.tureen.v1.VersionReply\x12=\n\x07GetSpec\x12\x19.tureen.v1.GetSpecRequest\x1a\x17.tureen.v1.GetSpecReply\x12L\n\x0cListVersions\x12\x1e.tureen.v1.ListVersionsRequest\x1a\x1c.tureen.v1.ListVersionsReply\x12?\n\x08\x41\x63tivate\x12\x1a.tureen.v1.ActivateRequest\x1a\x17.tureen.v1.VersionReply\x12?\n\x08Rollback\x12\x1a.tureen.v1.RollbackRequest\x1a\x17.tureen.v1.VersionReply\x12O\n\rDeleteVersion\x12\x1f.tureen.v1.DeleteVersionRequest\x1a\x1d.tureen.v1.DeleteVersionReply\x12\x43\n\tGetStatus\x12\x1b.tureen.v1.GetStatusRequest\x1a\x19.tureen.v1.GetStatusReply\x12G\n\x0bWatchStatus\x12\x1b.tureen.v1.GetStatusRequest\x1a\x19.tureen.v1.GetStatusReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tureen/v1/admin.proto\x12\ttureen.v1\"\xf5\x01\n\x0bVersionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tpushed_by\x18\x05 \x01(\t\x12\x11\n\tpushed_at\x18\x06 \x01(\x01\x12\x15\n\rbuild_seconds\x18\x07 \x01(\x01\x12\x38\n\tchecksums\x18\x08 \x03(\x0b\x32%.tureen.v1.VersionInfo.ChecksumsEntry\x1a\x30\n\x0e\x43hecksumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x0fPushSpecRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x15\n\x08\x61\x63tivate\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x11\n\tpushed_by\x18\x04 \x01(\t\x12\x10\n\x08in_place\x18\x05 \x01(\x08\x42\x0b\n\t_activate\"7\n\x0cVersionReply\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.tureen.v1.VersionInfo\"0\n\x0eGetSpecRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x0cGetSpecReply\x12\'\n\x07version\x18\x01 \x01(\x0b\x32\x16.tureen.v1.VersionInfo\x12\x11\n\tspec_json\x18\x02 \x01(\t\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x11ListVersionsReply\x12(\n\x08versions\x18\x01 \x03(\x0b\x32\x16.tureen.v1.VersionInfo\"1\n\x0f\x41\x63tivateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"4\n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\x03\"6\n\x14\x44\x65leteVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x14\n\x12\x44\x65leteVersionReply\"!\n\x10GetStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\rBuildProgress\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\"\xa9\x01\n\x0bModelStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12*\n\x08\x62uilding\x18\x03 \x01(\x0b\x32\x18.tureen.v1.BuildProgress\x12\x19\n\x11resident_versions\x18\x04 \x03(\x03\x12\x14\n\x0c\x61\x63tive_bytes\x18\x05 \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x03\"b\n\x0eGetStatusReply\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.tureen.v1.ModelStatus\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10ingredient_bytes\x18\x03 \x01(\x03\x32\xba\x04\n\tSoupAdmin\x12?\n\x08PushSpec\x12\x1a.tureen.v1.PushSpecRequest\x1a\x17.tureen.v1.VersionReply\x12=\n\x07GetSpec\x12\x19.tureen.v1.GetSpecRequest\x1a\x17.tureen.v1.GetSpecReply\x12L\n\x0cListVersions\x12\x1e.tureen.v1.ListVersionsRequest\x1a\x1c.tureen.v1.ListVersionsReply\x12?\n\x08\x41\x63tivate\x12\x1a.tureen.v1.ActivateRequest\x1a\x17.tureen.v1.VersionReply\x12?\n\x08Rollback\x12\x1a.tureen.v1.RollbackRequest\x1a\x17.tureen.v1.VersionReply\x12O\n\rDeleteVersion\x12\x1f.tureen.v1.DeleteVersionRequest\x1a\x1d.tureen.v1.DeleteVersionReply\x12\x43\n\tGetStatus\x12\x1b.tureen.v1.GetStatusRequest\x1a\x19.tureen.v1.GetStatusReply\x12G\n\x0bWatchStatus\x12\x1b.tureen.v1.GetStatusRequest\x1a\x19.tureen.v1.GetStatusReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,33 +38,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONINFO_CHECKSUMSENTRY']._serialized_start=234
   _globals['_VERSIONINFO_CHECKSUMSENTRY']._serialized_end=282
   _globals['_PUSHSPECREQUEST']._serialized_start=284
-  _globals['_PUSHSPECREQUEST']._serialized_end=389
-  _globals['_VERSIONREPLY']._serialized_start=391
-  _globals['_VERSIONREPLY']._serialized_end=446
-  _globals['_GETSPECREQUEST']._serialized_start=448
-  _globals['_GETSPECREQUEST']._serialized_end=496
-  _globals['_GETSPECREPLY']._serialized_start=498
-  _globals['_GETSPECREPLY']._serialized_end=572
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=574
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=610
-  _globals['_LISTVERSIONSREPLY']._serialized_start=612
-  _globals['_LISTVERSIONSREPLY']._serialized_end=673
-  _globals['_ACTIVATEREQUEST']._serialized_start=675
-  _globals['_ACTIVATEREQUEST']._serialized_end=724
-  _globals['_ROLLBACKREQUEST']._serialized_start=726
-  _globals['_ROLLBACKREQUEST']._serialized_end=778
-  _globals['_DELETEVERSIONREQUEST']._serialized_start=780
-  _globals['_DELETEVERSIONREQUEST']._serialized_end=834
-  _globals['_DELETEVERSIONREPLY']._serialized_start=836
-  _globals['_DELETEVERSIONREPLY']._serialized_end=856
-  _globals['_GETSTATUSREQUEST']._serialized_start=858
-  _globals['_GETSTATUSREQUEST']._serialized_end=891
-  _globals['_BUILDPROGRESS']._serialized_start=893
-  _globals['_BUILDPROGRESS']._serialized_end=978
-  _globals['_MODELSTATUS']._serialized_start=981
-  _globals['_MODELSTATUS']._serialized_end=1150
-  _globals['_GETSTATUSREPLY']._serialized_start=1152
-  _globals['_GETSTATUSREPLY']._serialized_end=1250
-  _globals['_SOUPADMIN']._serialized_start=1253
-  _globals['_SOUPADMIN']._serialized_end=1823
+  _globals['_PUSHSPECREQUEST']._serialized_end=407
+  _globals['_VERSIONREPLY']._serialized_start=409
+  _globals['_VERSIONREPLY']._serialized_end=464
+  _globals['_GETSPECREQUEST']._serialized_start=466
+  _globals['_GETSPECREQUEST']._serialized_end=514
+  _globals['_GETSPECREPLY']._serialized_start=516
+  _globals['_GETSPECREPLY']._serialized_end=590
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=592
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=628
+  _globals['_LISTVERSIONSREPLY']._serialized_start=630
+  _globals['_LISTVERSIONSREPLY']._serialized_end=691
+  _globals['_ACTIVATEREQUEST']._serialized_start=693
+  _globals['_ACTIVATEREQUEST']._serialized_end=742
+  _globals['_ROLLBACKREQUEST']._serialized_start=744
+  _globals['_ROLLBACKREQUEST']._serialized_end=796
+  _globals['_DELETEVERSIONREQUEST']._serialized_start=798
+  _globals['_DELETEVERSIONREQUEST']._serialized_end=852
+  _globals['_DELETEVERSIONREPLY']._serialized_start=854
+  _globals['_DELETEVERSIONREPLY']._serialized_end=874
+  _globals['_GETSTATUSREQUEST']._serialized_start=876
+  _globals['_GETSTATUSREQUEST']._serialized_end=909
+  _globals['_BUILDPROGRESS']._serialized_start=911
+  _globals['_BUILDPROGRESS']._serialized_end=996
+  _globals['_MODELSTATUS']._serialized_start=999
+  _globals['_MODELSTATUS']._serialized_end=1168
+  _globals['_GETSTATUSREPLY']._serialized_start=1170
+  _globals['_GETSTATUSREPLY']._serialized_end=1268
+  _globals['_SOUPADMIN']._serialized_start=1271
+  _globals['_SOUPADMIN']._serialized_end=1841
 # @@protoc_insertion_point(module_scope)

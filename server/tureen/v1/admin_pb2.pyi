@@ -34,16 +34,18 @@ class VersionInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., pushed_by: _Optional[str] = ..., pushed_at: _Optional[float] = ..., build_seconds: _Optional[float] = ..., checksums: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PushSpecRequest(_message.Message):
-    __slots__ = ("spec_json", "activate", "wait", "pushed_by")
+    __slots__ = ("spec_json", "activate", "wait", "pushed_by", "in_place")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     PUSHED_BY_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     activate: bool
     wait: bool
     pushed_by: str
-    def __init__(self, spec_json: _Optional[str] = ..., activate: _Optional[bool] = ..., wait: _Optional[bool] = ..., pushed_by: _Optional[str] = ...) -> None: ...
+    in_place: bool
+    def __init__(self, spec_json: _Optional[str] = ..., activate: _Optional[bool] = ..., wait: _Optional[bool] = ..., pushed_by: _Optional[str] = ..., in_place: _Optional[bool] = ...) -> None: ...
 
 class VersionReply(_message.Message):
     __slots__ = ("version",)
