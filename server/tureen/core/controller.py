@@ -265,6 +265,10 @@ class Controller:
         """Bumped on every change of status; ``wait_for_change`` waits for it to move."""
         return self._generation
 
+    def wake(self) -> None:
+        """Wake every ``wait_for_change`` (a watcher that went away must not hold its thread)."""
+        self._bump()
+
     def wait_for_change(self, seen: int, timeout: float) -> int:
         with self._changed:
             self._changed.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout=timeout)

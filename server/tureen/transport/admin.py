@@ -84,6 +84,7 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
 
     def WatchStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Iterator[pb.GetStatusReply]:
         seen = self._controller.generation
+        context.add_callback(self._controller.wake)  # a cancelled watch stops waiting at once
         yield self._status(request.model)
         while context.is_active():
             now = self._controller.wait_for_change(seen, WATCH_HEARTBEAT_S)
