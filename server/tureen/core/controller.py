@@ -28,7 +28,7 @@ from tureen.core.kitchen import Kitchen
 from tureen.core.memory import available_bytes
 from tureen.core.observer import Observer
 from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import ModelNotFound, OutOfMemory, SoupError, VersionConflict
+from tureen.errors import IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -200,12 +200,13 @@ class Controller:
         return self.rollback(model, by)
 
     def delete(self, model: str, version: int) -> None:
-        with self._lock:
-            active = self.repository.models().get(model)
-            if active is not None and active.version == version:
-                raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
-            self._resident[model] = [b for b in self._resident.get(model, []) if b.version != version]
-        self.store.delete(model, version)
+        with self._model_lock(model):  # not while an activation of this model swaps and points
+            with self._lock:
+                active = self.repository.models().get(model)
+                if active is not None and active.version == version:
+                    raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
+                self._resident[model] = [b for b in self._resident.get(model, []) if b.version != version]
+            self.store.delete(model, version)
         self._bump()
 
     def spec(self, model: str, version: int | None = None) -> StoredVersion:
@@ -216,6 +217,8 @@ class Controller:
                 if not self.store.version_numbers(model):
                     raise ModelNotFound(f"model {model!r} has no stored version")
                 raise VersionConflict(f"model {model!r} has no active version")
+            if pointer.version == 0:
+                raise VersionConflict(f"model {model!r} is unloaded; give a version, or load it first")
             version = pointer.version
         return self.store.get(model, version)
 
@@ -279,7 +282,13 @@ class Controller:
     def _build_and_maybe_activate(self, stored: StoredVersion, activate: bool, by: str) -> Blend:
         if activate:
             return self._activate(stored.model, stored.version, by=by, write_pointer=True)
-        return self._build(stored)
+        blend = self._build(stored)
+        with self._lock:  # kept like a retired blend: activating it later is a swap
+            kept = [blend, *self._resident.get(stored.model, [])]
+            self._resident[stored.model] = kept[: self.keep]
+            self._observer.resident_memory(stored.model, sum(b.nbytes for b in self._resident[stored.model]))
+        self._bump()
+        return blend
 
     def _replace_in_place(self, stored: StoredVersion, by: str) -> Blend:
         """Give up the serving blend (and the kept ones) first, then build: the model pauses
@@ -296,21 +305,37 @@ class Controller:
         _log.warning("model %s: in-place swap to version %d: paused until it serves", model, stored.version)
         try:
             return self._activate(model, stored.version, by=by, write_pointer=True)
-        except SoupError:
+        except BaseException:
             if back is not None:
                 self._activate(model, back, by=by, write_pointer=False)
             raise
 
     def _activate(
-        self, model: str, version: int, *, by: str, write_pointer: bool, history: tuple[int, ...] | None = None
+        self,
+        model: str,
+        version: int,
+        *,
+        by: str,
+        write_pointer: bool,
+        history: tuple[int, ...] | None = None,
+        follow: bool = False,
     ) -> Blend:
+        """Make ``version`` serve ``model``. The build (if any) runs with no lock held; the swap and
+        the pointer write happen together under the model's lock. ``follow`` (the store watcher)
+        swaps only if the store still points at ``version`` by then."""
         requested = time.perf_counter()
+        current = self.repository.models().get(model)
+        blend = current if current is not None and current.version == version else None
+        if blend is None:
+            blend = self._resident_blend(model, version) or self._build(self.store.get(model, version))
         with self._model_lock(model):
+            if follow:
+                pointer = self.store.pointer(model)
+                if pointer is None or pointer.version != version:
+                    return blend  # activated again elsewhere meanwhile: the next poll follows that
+            self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
             current = self.repository.models().get(model)
-            if current is not None and current.version == version:
-                blend = current
-            else:
-                blend = self._resident_blend(model, version) or self._build(self.store.get(model, version))
+            if current is None or current.version != version:
                 previous = self.repository.swap(blend)
                 self._observer.blend_swapped(model, version, time.perf_counter() - requested)
                 self._retire(model, version, previous)
@@ -329,7 +354,7 @@ class Controller:
         return blend
 
     def _build(self, stored: StoredVersion) -> Blend:
-        """Build on the builder thread (waiting for it when called from elsewhere)."""
+        """Build on the builder thread (waiting for it when called from elsewhere, holding no lock)."""
         if threading.current_thread().name.startswith("tureen-build"):
             return self._build_here(stored)
         return self._builder.submit(self._build_here, stored).result()
@@ -341,28 +366,41 @@ class Controller:
             )
         model, version = stored.model, stored.version
         self._set_building(Build(model, version, "starting", 0.0, time.time()))
-        stored = self.store.record(stored, "building")
 
         def progress(stage: str, fraction: float) -> None:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
         try:
+            stored = self.store.record(stored, "building")
             blend = self.kitchen.build(
                 stored.spec, version, progress, donor=lambda: self._donor(model), room=lambda n: self._room(model, version, n)
             )
-        except SoupError as exc:
-            self._observer.build_failed(model, exc.reason)
-            self.store.record(stored, "failed", reason=str(exc))
-            _log.error("model %s: version %d failed to build: %s", model, version, exc)
-            raise
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
-            self._observer.build_failed(model, "out_of_memory")
-            self.store.record(stored, "failed", reason=f"out of memory: {exc}")
+            self._failed(stored, OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}"))
+            raise OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}") from None
+        except SoupError as exc:
+            self._failed(stored, exc)
             raise
         finally:
             self._set_building(None, model)
         self.store.record(stored, "ready", build_seconds=round(blend.build_seconds, 3), checksums=dict(blend.checksums))
         return blend
+
+    def _failed(self, stored: StoredVersion, exc: SoupError) -> None:
+        """Record a failed build. Only failures of the spec itself (its fields, its checkpoints'
+        contents, the architecture) mark the version failed in the shared store; a failure of
+        this replica (no memory here, a file missing on this node, the store) must not stop the
+        others from serving the version, so the state goes back to what it was."""
+        model, version = stored.model, stored.version
+        self._observer.build_failed(model, exc.reason)
+        _log.error("model %s: version %d failed to build: %s", model, version, exc)
+        try:
+            if isinstance(exc, LOCAL_FAILURES):
+                self.store.record(stored, "stored" if stored.state == "building" else stored.state)
+            else:
+                self.store.record(stored, "failed", reason=str(exc))
+        except SoupError as store_error:  # the version may have been deleted meanwhile
+            _log.warning("model %s: version %d: cannot record the failure: %s", model, version, store_error)
 
     def _donor(self, model: str) -> Mapping[str, torch.Tensor] | None:
         """The weights of the resident blend this build will push out, for the build to reuse.
@@ -428,7 +466,9 @@ class Controller:
             pointer = self.store.pointer(model)
             current = self.repository.models().get(model)
             if pointer is not None and pointer.version == 0 and current is not None:
-                self._retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
+                with self._model_lock(model):
+                    if (self.store.pointer(model) or pointer).version == 0:
+                        self._retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
                 self._bump()
                 continue
             if pointer is None or pointer.version == 0 or (current is not None and current.version == pointer.version):
@@ -437,7 +477,7 @@ class Controller:
                 continue
             _log.info("model %s: version %d was activated elsewhere; following", model, pointer.version)
             try:
-                self._activate(model, pointer.version, by="", write_pointer=False)
+                self._activate(model, pointer.version, by="", write_pointer=False, follow=True)
             except SoupError as exc:
                 self._given_up[model] = pointer.version
                 _log.error("model %s: cannot follow version %d: %s", model, pointer.version, exc)
@@ -467,6 +507,9 @@ def _size(nbytes: float) -> str:
         nbytes /= 1024
     return f"{nbytes:.1f} GiB"
 
+
+LOCAL_FAILURES = (OutOfMemory, IngredientMissing, StoreError)
+"""Build failures that say something about this replica, not about the spec."""
 
 BUILD_NICENESS = 10
 

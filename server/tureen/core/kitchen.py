@@ -84,19 +84,19 @@ class Kitchen:
         if progress is not None:
             progress("merging", 0.6)
         merged = None
-        into = donor() if donor is not None else None
-        if into is not None:
-            try:
-                merged = mix(spec, ingredients, kernels=self.kernels, into=into)
-            except ValueError:  # another layout (architecture or dtype changed): fresh memory
-                merged = None
-        if merged is None:
-            if room is not None:
-                room(_blend_bytes(spec, ingredients))
-            try:
+        try:
+            into = donor() if donor is not None else None
+            if into is not None:
+                try:
+                    merged = mix(spec, ingredients, kernels=self.kernels, into=into)
+                except ValueError:  # another layout (architecture or dtype changed): fresh memory
+                    merged = None
+            if merged is None:
+                if room is not None:
+                    room(_blend_bytes(spec, ingredients))
                 merged = mix(spec, ingredients, kernels=self.kernels)
-            except (MemoryError, torch.OutOfMemoryError) as exc:
-                raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
         if progress is not None:
             progress("warming up", 0.9)
         module = _materialize(spec.architecture, skeleton, merged, self.pool.device)

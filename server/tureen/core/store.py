@@ -184,11 +184,13 @@ class SpecStore:
 
     def _versions(self, model: str, create: bool = True) -> Path:
         folder = self.root / "models" / model / "versions"
-        if create:
+        if create and not folder.is_dir():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"store {folder}: cannot create: {exc.strerror or exc}") from None
+            _fsync_dir(folder.parent)  # a new model's folders must survive a crash too
+            _fsync_dir(folder.parent.parent)
         return folder
 
     def _next_version(self, model: str) -> int:
