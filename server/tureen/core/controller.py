@@ -16,17 +16,14 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-import torch
-
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.kitchen import Kitchen
-from tureen.core.memory import available_bytes
 from tureen.core.observer import Observer
+from tureen.core.residency import Residency
 from tureen.core.store import Pointer, SpecStore, StoredVersion
 from tureen.errors import IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
 from tureen.spec import SoupSpec
@@ -75,16 +72,14 @@ class Controller:
         self.kitchen = kitchen
         self.repository = repository
         self._observer = observer
-        self.keep = keep
         self.poll_seconds = poll_seconds
-        self.memory_limit = memory_limit
+        self.residency = Residency(repository, observer, kitchen.pool.device, keep=keep, limit=memory_limit)
         # One build at a time, on a thread of lowered priority: merging competes with requests
         # for the same cores, and requests should win. The thread's OpenMP workers, which it
         # starts itself, inherit its priority.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-build", initializer=_lower_priority)
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
-        self._resident: dict[str, list[Blend]] = {}
         self._building: dict[str, Build] = {}
         self._changed = threading.Condition()
         self._generation = 0
@@ -187,7 +182,7 @@ class Controller:
                     raise ModelNotFound(f"model {model!r} has no stored version")
                 return
             self.store.point(model, Pointer(0, (*pointer.history, pointer.version), by, time.time()))
-            self._retire(model, 0, self.repository.unload(model))
+            self.residency.retire(model, 0, self.repository.unload(model))
         self._bump()
 
     def load(self, model: str, by: str) -> StoredVersion:
@@ -201,11 +196,10 @@ class Controller:
 
     def delete(self, model: str, version: int) -> None:
         with self._model_lock(model):  # not while an activation of this model swaps and points
-            with self._lock:
-                active = self.repository.models().get(model)
-                if active is not None and active.version == version:
-                    raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
-                self._resident[model] = [b for b in self._resident.get(model, []) if b.version != version]
+            active = self.repository.models().get(model)
+            if active is not None and active.version == version:
+                raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
+            self.residency.drop(model, version)
             self.store.delete(model, version)
         self._bump()
 
@@ -250,7 +244,7 @@ class Controller:
         with self._lock:
             out = []
             for model, blend in sorted(self.repository.models().items()):
-                resident = self._resident.get(model, [])
+                resident = self.residency.of(model)
                 out.append(
                     ModelStatus(
                         model=model,
@@ -283,10 +277,7 @@ class Controller:
         if activate:
             return self._activate(stored.model, stored.version, by=by, write_pointer=True)
         blend = self._build(stored)
-        with self._lock:  # kept like a retired blend: activating it later is a swap
-            kept = [blend, *self._resident.get(stored.model, [])]
-            self._resident[stored.model] = kept[: self.keep]
-            self._observer.resident_memory(stored.model, sum(b.nbytes for b in self._resident[stored.model]))
+        self.residency.add(stored.model, blend)
         self._bump()
         return blend
 
@@ -297,9 +288,7 @@ class Controller:
         model = stored.model
         with self._model_lock(model):
             previous = self.repository.unload(model)
-            with self._lock:
-                self._resident[model] = []
-            self._observer.resident_memory(model, 0)
+            self.residency.drop(model)
             back = previous.version if previous is not None else None
             del previous  # its memory goes as soon as the requests on it finish
         _log.warning("model %s: in-place swap to version %d: paused until it serves", model, stored.version)
@@ -327,7 +316,7 @@ class Controller:
         current = self.repository.models().get(model)
         blend = current if current is not None and current.version == version else None
         if blend is None:
-            blend = self._resident_blend(model, version) or self._build(self.store.get(model, version))
+            blend = self.residency.get(model, version) or self._build(self.store.get(model, version))
         with self._model_lock(model):
             if follow:
                 pointer = self.store.pointer(model)
@@ -338,7 +327,7 @@ class Controller:
             if current is None or current.version != version:
                 previous = self.repository.swap(blend)
                 self._observer.blend_swapped(model, version, time.perf_counter() - requested)
-                self._retire(model, version, previous)
+                self.residency.retire(model, version, previous)
                 _log.info("model %s: serving version %d", model, version)
             if write_pointer:
                 pointer = self.store.pointer(model)
@@ -373,7 +362,11 @@ class Controller:
         try:
             stored = self.store.record(stored, "building")
             blend = self.kitchen.build(
-                stored.spec, version, progress, donor=lambda: self._donor(model), room=lambda n: self._room(model, version, n)
+                stored.spec,
+                version,
+                progress,
+                donor=lambda: self.residency.donor(model),
+                room=lambda n: self.residency.room(model, version, n),
             )
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
             self._failed(stored, OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}"))
@@ -402,57 +395,6 @@ class Controller:
         except SoupError as store_error:  # the version may have been deleted meanwhile
             _log.warning("model %s: version %d: cannot record the failure: %s", model, version, store_error)
 
-    def _donor(self, model: str) -> Mapping[str, torch.Tensor] | None:
-        """The weights of the resident blend this build will push out, for the build to reuse.
-
-        With ``keep`` blends resident, the swap after this build drops the oldest; giving it up
-        as the merge starts (ingredients loaded and checked, so most bad pushes never get here)
-        lets the merge write into memory that is already mapped instead of faulting in a new
-        blend's worth, and keeps the peak at active + ``keep`` blends. It is reused only when no
-        request holds it any more; a build that fails after this point has cost that rollback.
-        """
-        with self._lock:
-            resident = self._resident.get(model, [])
-            if not resident or len(resident) < self.keep:
-                return None
-            oldest = resident.pop()
-            weights, still_used = oldest.weights, weakref.ref(oldest)
-            del oldest
-            if still_used() is not None:  # a request started long ago is still on it
-                resident.append(still_used())  # type: ignore[arg-type]
-                return None
-            self._observer.resident_memory(model, sum(b.nbytes for b in resident))
-            return weights
-
-    def _room(self, model: str, version: int, needed: int) -> None:
-        """Refuse a build whose new blend would not fit beside the blends held (see ``OutOfMemory``)."""
-        with self._lock:
-            held = sum(b.nbytes for b in self.repository.models().values() if b is not None)
-            held += sum(b.nbytes for kept in self._resident.values() for b in kept)
-        where = f"model {model!r} version {version}: the blend needs {_size(needed)}"
-        advice = "lower --keep-versions, or push in place (tureen push --in-place) to swap with a short pause"
-        if self.memory_limit is not None and held + needed > self.memory_limit:
-            raise OutOfMemory(
-                f"{where}, and blends already hold {_size(held)} of the {_size(self.memory_limit)} "
-                f"limit (--blend-memory-mb); {advice}"
-            )
-        free = available_bytes(self.kitchen.pool.device)
-        if free is not None and needed > 0.9 * free:
-            raise OutOfMemory(f"{where} but {self.kitchen.pool.device} has {_size(free)} free; {advice}")
-
-    def _resident_blend(self, model: str, version: int) -> Blend | None:
-        with self._lock:
-            return next((b for b in self._resident.get(model, []) if b.version == version), None)
-
-    def _retire(self, model: str, version: int, previous: Blend | None) -> None:
-        """Keep the blend that just stopped serving for rollback; drop the oldest beyond ``keep``."""
-        with self._lock:
-            kept = [b for b in self._resident.get(model, []) if b.version != version]
-            if previous is not None and previous.version != version:
-                kept.insert(0, previous)
-            self._resident[model] = kept[: self.keep]
-            self._observer.resident_memory(model, sum(b.nbytes for b in self._resident[model]))
-
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
@@ -468,7 +410,7 @@ class Controller:
             if pointer is not None and pointer.version == 0 and current is not None:
                 with self._model_lock(model):
                     if (self.store.pointer(model) or pointer).version == 0:
-                        self._retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
+                        self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
                 self._bump()
                 continue
             if pointer is None or pointer.version == 0 or (current is not None and current.version == pointer.version):
@@ -498,14 +440,6 @@ class Controller:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
 
 
 LOCAL_FAILURES = (OutOfMemory, IngredientMissing, StoreError)
