@@ -102,7 +102,7 @@ class SoupClient:
         against the file's folder first, as ``tureen serve --spec`` would read them.
         ``in_place`` swaps with a short pause when the device has no room for a second blend.
         """
-        document = spec_document(spec)
+        document = load_document(spec)
         request = pb.PushSpecRequest(
             spec_json=json.dumps(document), activate=activate, wait=wait, in_place=in_place, pushed_by=pushed_by or _who()
         )
@@ -148,7 +148,7 @@ class SoupClient:
             raise SoupClientError(exc.code(), exc.details() or str(exc.code())) from None
 
 
-def spec_document(spec: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+def load_document(spec: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
     """A spec document from a file (YAML or JSON) or a mapping; file-relative paths made absolute."""
     if isinstance(spec, Mapping):
         return dict(spec)

@@ -292,6 +292,7 @@ def _spec(args: argparse.Namespace) -> int:
     import yaml
 
     from tureen.mergekit_config import from_mergekit, missing_paths
+    from tureen.spec import spec_document
 
     path = Path(args.config)
     try:
@@ -304,8 +305,7 @@ def _spec(args: argparse.Namespace) -> int:
         raise SoupError(f"{path}: expected a mapping at the top level")
     model = args.model or re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem)
     spec, notes = from_mergekit(config, model, source=str(path))
-    document = spec.model_dump(by_alias=True, exclude_defaults=True, mode="json")
-    document["apiVersion"] = spec.api_version
+    document = spec_document(spec)
     text = json.dumps(document, indent=2) if args.json else yaml.safe_dump(document, sort_keys=False)
     header = f"# Converted by `tureen spec from-mergekit {path.name}`. Add `architecture` to serve it.\n"
     if args.output:

@@ -217,28 +217,28 @@ class Controller:
         return self.store.get(model, version)
 
     def versions(self, model: str) -> list[tuple[StoredVersion, str]]:
-        """Every stored version with its state as seen from here: stored, building, ready,
-        active, failed or retired (once active, no longer)."""
+        """Every stored version with its state as seen from here (see ``state_of``)."""
         stored = self.store.versions(model)
         if not stored:
             raise ModelNotFound(f"model {model!r} has no stored version")
         pointer = self.store.pointer(model)
-        active = pointer.version if pointer else None
-        retired = set(pointer.history) if pointer else set()
-        building = self._building.get(model)
-        shown = []
-        for item in stored:
-            state: str = item.state
-            if item.version == active:
-                state = "active"
-            elif building is not None and building.version == item.version:
-                state = "building"
-            elif state == "building":
-                state = "stored"  # a build cut short (a restart) or running on another replica
-            elif item.version in retired and state != "failed":
-                state = "retired"
-            shown.append((item, state))
-        return shown
+        return [(item, self._shown_state(item, pointer)) for item in stored]
+
+    def state_of(self, stored: StoredVersion) -> str:
+        """stored, building, ready, active, failed, or retired (active once, no longer)."""
+        return self._shown_state(stored, self.store.pointer(stored.model))
+
+    def _shown_state(self, item: StoredVersion, pointer: Pointer | None) -> str:
+        building = self._building.get(item.model)
+        if pointer is not None and item.version == pointer.version:
+            return "active"
+        if building is not None and building.version == item.version:
+            return "building"
+        if item.state == "building":
+            return "stored"  # a build cut short (a restart) or running on another replica
+        if pointer is not None and item.version in pointer.history and item.state != "failed":
+            return "retired"
+        return item.state
 
     def status(self) -> list[ModelStatus]:
         with self._lock:

@@ -55,12 +55,12 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         activate = request.activate if request.HasField("activate") else True
         who = _peer_user(request.pushed_by, context)
         stored = self._controller.push(spec, who, activate=activate, wait=request.wait, in_place=request.in_place)
-        return pb.VersionReply(version=encode_version(stored, self._state_of(stored)))
+        return pb.VersionReply(version=encode_version(stored, self._controller.state_of(stored)))
 
     def GetSpec(self, request: pb.GetSpecRequest, context: grpc.ServicerContext) -> pb.GetSpecReply:
         stored = self._controller.spec(request.model, request.version or None)
         return pb.GetSpecReply(
-            version=encode_version(stored, self._state_of(stored)), spec_json=json.dumps(spec_document(stored.spec))
+            version=encode_version(stored, self._controller.state_of(stored)), spec_json=json.dumps(spec_document(stored.spec))
         )
 
     def ListVersions(self, request: pb.ListVersionsRequest, context: grpc.ServicerContext) -> pb.ListVersionsReply:
@@ -100,10 +100,6 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         return pb.GetStatusReply(
             models=[_encode_status(s) for s in statuses], device=str(self._pool.device), ingredient_bytes=self._pool.nbytes
         )
-
-    def _state_of(self, stored: StoredVersion) -> str:
-        shown = dict((item.version, state) for item, state in self._controller.versions(stored.model))
-        return shown.get(stored.version, stored.state)
 
 
 def _encode_status(status: ModelStatus) -> pb.ModelStatus:
