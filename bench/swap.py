@@ -10,13 +10,17 @@ the default), each from 4 ingredients already loaded into the pool. It prints:
 - push-to-serving: from the PushSpec call until a request is answered by the new version
   (the blend is merged, warmed up and swapped in);
 - request latency (p50, p99) of one closed-loop client calling ``digits`` during --steady
-  seconds of quiet, then during a burst of --swaps pushes of the big model, and their ratio.
+  seconds of quiet, then during a burst of --swaps pushes of the big model, and their ratio;
+- the same latency while another process spins one core at the lowest priority the OS offers
+  (SCHED_IDLE on Linux) for as long as the burst took: the floor that any background CPU work
+  sets on this machine, with nothing of Tureen's running beside the requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import tempfile
 import threading
@@ -64,6 +68,18 @@ def serve(documents: list[dict], store: str, ports: multiprocessing.Queue[int]) 
     app.build_all()
     ports.put(app.grpc_port)
     threading.Event().wait()
+
+
+def spin(seconds: float, ready: multiprocessing.Event) -> None:  # type: ignore[valid-type]
+    """Background CPU work at the lowest priority: one core, pure Python, no memory traffic."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        os.nice(19)
+    ready.set()  # type: ignore[attr-defined]
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def infer_version(client: grpcclient.InferenceServerClient, model: str) -> int:
@@ -138,16 +154,30 @@ def main() -> None:
                 soups.push(document("big", args.hidden, big, 10 + k), wait=True)
             burst_s = time.perf_counter() - burst_started
             recording.clear()
+            burst = list(samples)
+            samples.clear()
+            ready = context.Event()
+            spinner = context.Process(target=spin, args=(burst_s, ready), daemon=True)
+            spinner.start()
+            ready.wait(60)
+            recording.set()
+            spinner.join()
+            recording.clear()
             stop.set()
             thread.join()
-            burst = list(samples)
-            (s50, s99), (b50, b99) = percentiles(steady), percentiles(burst)
+            background = list(samples)
+            (s50, s99), (b50, b99), (g50, g99) = percentiles(steady), percentiles(burst), percentiles(background)
             print(f"latency of 'digits', steady:           p50 {s50:6.2f} ms  p99 {s99:6.2f} ms  ({len(steady)} requests)")
             print(
                 f"latency of 'digits', during {args.swaps} swaps:  p50 {b50:6.2f} ms  p99 {b99:6.2f} ms  "
                 f"({len(burst)} requests in {burst_s:.1f} s)"
             )
+            print(
+                f"latency of 'digits', idle-priority spin: p50 {g50:6.2f} ms  p99 {g99:6.2f} ms  "
+                f"({len(background)} requests, one core busy in another process)"
+            )
             print(f"p99 during swaps / steady p99: {b99 / s99:.2f}")
+            print(f"p99 beside the idle-priority spin / steady p99: {g99 / s99:.2f} (this machine's floor)")
             soups.close()
             client.close()
         finally:
