@@ -94,6 +94,7 @@ class App:
             keep=settings.keep_versions,
             poll_seconds=settings.poll_seconds,
             memory_limit=settings.blend_memory_bytes,
+            online=self.engine.online,
         )
         for spec, source in zip(self.specs, self.sources, strict=True):
             self.controller.seed(spec, source)

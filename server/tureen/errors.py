@@ -119,3 +119,15 @@ class Unauthenticated(SoupError):
     """A call that needs a bearer token came without the right one."""
 
     reason = "unauthenticated"
+
+
+class EvaluationError(SoupError):
+    """An evaluation set cannot score the model: missing tensors, wrong shapes, labels out of range, empty."""
+
+    reason = "invalid_evaluation"
+
+
+class GateRejected(VersionConflict):
+    """The rollout gate kept a version from serving: its held-out metric is worse than the active one's."""
+
+    reason = "gate_rejected"

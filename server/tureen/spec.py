@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,6 +148,8 @@ class MergeSpec(_Frozen):
     weights: Annotated[dict[str, float | list[float]], AfterValidator(_frozen_dict)] | None = None
     parameters: Parameters = Field(default_factory=FrozenDict)
     overrides: tuple[Override, ...] = ()
+    grid: Annotated[dict[str, list[ParamValue]], AfterValidator(_frozen_dict)] | None = None
+    """Values to try per parameter (every combination, at most 64); the best on held-out data is kept."""
 
     @model_validator(mode="after")
     def _method_and_parameters(self) -> MergeSpec:
@@ -155,11 +158,116 @@ class MergeSpec(_Frozen):
         except ValueError as exc:
             raise FieldProblems([("method", str(exc))]) from None
         problems = _parameter_problems(method, self.parameters, "parameters", per_ingredient_allowed=True)
+        if self.grid is not None:
+            problems += _grid_problems(method, self.grid)
         for i, override in enumerate(self.overrides):
             problems += _parameter_problems(method, override.parameters, f"overrides[{i}].parameters", True)
         if problems:
             raise FieldProblems(problems)
         return self
+
+
+class EvalSet(_Frozen):
+    """One evaluation split: a safetensors file of input tensors plus labels, or a factory."""
+
+    path: str | None = Field(default=None, min_length=1)
+    """A safetensors file (relative to the spec file): a tensor per model input, plus the labels."""
+    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    """``module:callable`` returning an iterable of batches (mappings of tensor name to tensor)."""
+    kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvalSet:
+        if (self.path is None) == (self.factory is None):
+            raise FieldProblems([("path", "give exactly one of path or factory")])
+        if self.path is not None and self.kwargs:
+            raise FieldProblems([("kwargs", "kwargs go with factory")])
+        return self
+
+
+Task = Literal["classification", "language-modeling"]
+Metric = Literal["accuracy", "nll", "ece", "perplexity"]
+HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "nll": False, "ece": False, "perplexity": False}
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "nll", "ece"),
+    "language-modeling": ("nll", "perplexity"),
+}
+
+
+class Evaluation(_Frozen):
+    """How blends and ingredients are scored: the task, the data splits, the metric that decides."""
+
+    task: Task = "classification"
+    splits: Annotated[dict[str, EvalSet], AfterValidator(_frozen_dict)] = Field(min_length=1)
+    select: str | None = None
+    """The split that searches and the rollout gate use (default: the first one listed)."""
+    metric: Metric | None = None
+    """The metric searches and the gate compare (default: accuracy, or perplexity for language models)."""
+    output: str | None = None
+    """The output holding the logits (default: the interface's first output)."""
+    labels: str = Field(default="labels", min_length=1)
+    """The tensor holding the labels (language models: token ids, -100 ignored; default: the input ids)."""
+    batch_size: int = Field(default=256, ge=1)
+    ingredients: StrictBool = True
+    """Also score every ingredient alone (once per build, so it costs N forward passes over the data)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Evaluation:
+        problems: list[tuple[str, str]] = []
+        for name in self.splits:
+            if not re.match(NAME_PATTERN, name):
+                problems.append((f"splits.{name}", "split names are letters, digits, '_', '.' or '-'"))
+        if self.select is not None and self.select not in self.splits:
+            problems.append(("select", f"no split named {self.select!r} (splits: {', '.join(self.splits)})"))
+        if self.metric is not None and self.metric not in TASK_METRICS[self.task]:
+            problems.append(("metric", f"{self.task} reports {', '.join(TASK_METRICS[self.task])}, not {self.metric}"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+    @property
+    def selected(self) -> str:
+        return self.select or next(iter(self.splits))
+
+    @property
+    def deciding_metric(self) -> str:
+        return self.metric or ("accuracy" if self.task == "classification" else "perplexity")
+
+
+class Gate(_Frozen):
+    """A candidate activates only if its metric is no worse than the active blend's, within a tolerance."""
+
+    tolerance: float = Field(default=0.0, ge=0.0)
+    """How much worse than the active blend the candidate may be, in the metric's units."""
+
+
+class Canary(_Frozen):
+    """Send a share of traffic to the candidate, then promote or roll back on labelled feedback."""
+
+    percent: float = Field(gt=0.0, le=100.0)
+    sticky: str | None = Field(default=None, min_length=1)
+    """A request parameter whose value picks the blend (the same value, the same blend)."""
+    min_samples: int = Field(default=200, ge=1)
+    """Labelled requests each blend needs before the canary is decided."""
+    margin: float = Field(default=0.0, ge=0.0, le=1.0)
+    """How much lower the candidate's online accuracy may be and still count as not worse."""
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+    """Significance level of the one-sided tests that decide (two-proportion z-tests)."""
+    max_samples: int = Field(default=5000, ge=1)
+    """Labelled candidate requests after which an undecided canary is rolled back."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Canary:
+        if self.max_samples < self.min_samples:
+            raise FieldProblems([("max_samples", f"must be at least min_samples ({self.min_samples})")])
+        return self
+
+
+class Rollout(_Frozen):
+    """How a new version goes live: gated on evaluation, and/or as a canary."""
+
+    gate: Gate | None = None
+    canary: Canary | None = None
 
 
 class SoupSpec(_Frozen):
@@ -172,6 +280,8 @@ class SoupSpec(_Frozen):
     ingredients: tuple[IngredientRef, ...] = Field(min_length=1)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     dtype: Dtype = "float32"
+    evaluation: Evaluation | None = None
+    rollout: Rollout | None = None
 
     @model_validator(mode="after")
     def _references(self) -> SoupSpec:
@@ -188,6 +298,12 @@ class SoupSpec(_Frozen):
             else:
                 problems += _parameter_problems(method, ingredient.parameters, where, per_ingredient_allowed=True, only_per=True)
         problems += _merge_references(self.merge, names)
+        if method.search and self.evaluation is None:
+            problems.append(("evaluation", f"method {method.name!r} searches on held-out data; add an evaluation section"))
+        if self.merge.grid is not None and self.evaluation is None:
+            problems.append(("merge.grid", "a grid search scores each point on held-out data; add an evaluation section"))
+        if self.rollout is not None and self.rollout.gate is not None and self.evaluation is None:
+            problems.append(("rollout.gate", "the gate compares evaluations; add an evaluation section"))
         if problems:
             raise FieldProblems(problems)
         return self
@@ -212,6 +328,32 @@ def _parameter_problems(
             problems.append((f"{where}.{name}", f"{name!r} is a global parameter of {method.name!r}; set it in merge.parameters"))
         elif (problem := param.problem(value)) is not None:
             problems.append((f"{where}.{name}", problem))
+    return problems
+
+
+MAX_GRID = 64
+
+
+def _grid_problems(method: MethodDecl, grid: Mapping[str, list[Any]]) -> list[tuple[str, str]]:
+    if method.search:
+        return [("grid", f"method {method.name!r} is a search already; a grid goes with a merge method")]
+    if not grid:
+        return [("grid", "name at least one parameter to search")]
+    problems: list[tuple[str, str]] = []
+    combinations = 1
+    for name, values in grid.items():
+        if not values:
+            problems.append((f"grid.{name}", "give at least one value"))
+            continue
+        combinations *= len(values)
+        for i, value in enumerate(values):
+            if name in method.by_name and (problem := method.by_name[name].problem(value)) is not None:
+                problems.append((f"grid.{name}[{i}]", problem))
+        if name not in method.by_name:
+            known = ", ".join(method.by_name) or "none"
+            problems.append((f"grid.{name}", f"method {method.name!r} has no parameter {name!r} (parameters: {known})"))
+    if combinations > MAX_GRID:
+        problems.append(("grid", f"{combinations} combinations; at most {MAX_GRID}"))
     return problems
 
 
@@ -334,6 +476,15 @@ def _resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
     architecture = resolved.get("architecture")
     if isinstance(architecture, Mapping) and isinstance(architecture.get("huggingface"), str):
         resolved["architecture"] = {**architecture, "huggingface": str(base_dir / architecture["huggingface"])}
+    evaluation = resolved.get("evaluation")
+    if isinstance(evaluation, Mapping) and isinstance(evaluation.get("splits"), Mapping):
+        splits = {
+            name: {**item, "path": str(base_dir / item["path"])}
+            if isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
+            else item
+            for name, item in evaluation["splits"].items()
+        }
+        resolved["evaluation"] = {**evaluation, "splits": splits}
     ingredients = resolved.get("ingredients")
     if isinstance(ingredients, list):
         resolved["ingredients"] = [

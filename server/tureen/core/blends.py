@@ -7,7 +7,9 @@ and the old blend's memory goes when its last request drops the reference.
 
 from __future__ import annotations
 
+import random
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,12 @@ class Blend:
     """sha256 of each ingredient it was merged from, by ingredient name."""
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """The merged tensors (views of one buffer) that ``module`` holds; a later build may reuse them."""
+    resolution: Mapping[str, Any] | None = None
+    """For a searched recipe: the merge section it resolved to, and the search's log."""
+    evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """Scores on each evaluation split, by split then metric."""
+    ingredient_evaluation: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    """Each ingredient's scores alone, by ingredient, split, metric."""
 
     def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to the blend's device; floating inputs take the blend's dtype."""
@@ -71,12 +79,41 @@ class Blend:
             collected[name] = tensor.to(device="cpu", dtype=slot.dtype)
         return collected
 
+    def predicted_classes(self, result: Any) -> list[int] | None:
+        """The class each row of a classification forward predicts (argmax of the logits output),
+        or None for models that are not scored as classifiers."""
+        evaluation = self.spec.evaluation
+        if evaluation is not None and evaluation.task != "classification":
+            return None
+        name = evaluation.output if evaluation is not None and evaluation.output else next(iter(self.signature.outputs))
+        logits = outputs_by_name(result, tuple(self.signature.outputs)).get(name)
+        if not isinstance(logits, torch.Tensor) or logits.dim() == 0:
+            return None
+        return [int(c) for c in logits.argmax(dim=-1).reshape(-1).tolist()]
+
+
+@dataclass(frozen=True)
+class CanaryRoute:
+    """A candidate blend taking ``percent`` of a model's traffic beside the active one."""
+
+    blend: Blend
+    percent: float
+    sticky: str | None = None
+    """A request parameter whose value picks the blend: the same value, the same blend."""
+
+    def takes(self, parameters: Mapping[str, str]) -> bool:
+        key = parameters.get(self.sticky) if self.sticky else None
+        if key is not None:
+            return zlib.crc32(key.encode()) % 10_000 < self.percent * 100
+        return random.random() * 100 < self.percent
+
 
 class BlendRepository:
-    """Which blend serves each model right now."""
+    """Which blend serves each model right now (and which candidate, during a canary)."""
 
     def __init__(self, observer: Observer) -> None:
         self._observer = observer
+        self._canaries: dict[str, CanaryRoute] = {}
         self._active: dict[str, Blend | None] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
@@ -116,6 +153,32 @@ class BlendRepository:
         if version and version != str(blend.version):
             raise ModelNotFound(f"model {model!r} version {version} is not loaded (serving version {blend.version})")
         return blend
+
+    def route(self, model: str, version: str = "", parameters: Mapping[str, str] | None = None) -> Blend:
+        """The blend a request goes to: the canary for its share of requests, else the active one.
+        A request naming a version gets that version, the canary's included."""
+        canary = self._canaries.get(model)
+        if canary is not None and (version == str(canary.blend.version) or (not version and canary.takes(parameters or {}))):
+            return canary.blend
+        return self.active(model, version)
+
+    def start_canary(self, route: CanaryRoute) -> CanaryRoute | None:
+        """Send ``route.percent`` of its model's traffic to ``route.blend``; return the canary it replaced."""
+        with self._lock:
+            previous = self._canaries.get(route.blend.model)
+            self._canaries[route.blend.model] = route
+        self._notify()
+        return previous
+
+    def end_canary(self, model: str) -> CanaryRoute | None:
+        """Stop the model's canary (all traffic to the active blend); return it."""
+        with self._lock:
+            route = self._canaries.pop(model, None)
+        self._notify()
+        return route
+
+    def canary(self, model: str) -> CanaryRoute | None:
+        return self._canaries.get(model)
 
     def models(self) -> dict[str, Blend | None]:
         """A snapshot: every declared model and its active blend, if any."""

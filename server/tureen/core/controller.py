@@ -18,14 +18,16 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from tureen.core.blends import Blend, BlendRepository
+from tureen.core.blends import Blend, BlendRepository, CanaryRoute
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import Observer
 from tureen.core.residency import Residency
+from tureen.core.rollout import OnlineAccuracy, check_gate, decide
 from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
+from tureen.errors import GateRejected, IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -51,6 +53,11 @@ class ModelStatus:
     """Versions held in memory besides the active one, newest first."""
     active_bytes: int
     resident_bytes: int
+    canary: int = 0
+    canary_percent: float = 0.0
+    online: Mapping[int, tuple[float, int]] = field(default_factory=dict)
+    """Rolling online accuracy and labelled samples of the active version and the canary."""
+    canary_note: str = ""
 
 
 class Controller:
@@ -66,6 +73,7 @@ class Controller:
         keep: int = 1,
         poll_seconds: float = 1.0,
         memory_limit: int | None = None,
+        online: OnlineAccuracy | None = None,
     ) -> None:
         """``memory_limit``: bytes all blends (active and kept) may hold on the device together."""
         self.store = store
@@ -87,6 +95,8 @@ class Controller:
         self._watcher: threading.Thread | None = None
         self._given_up: dict[str, int] = {}  # model -> version this replica failed to build
         self._seeded: dict[str, int] = {}
+        self.online = online if online is not None else OnlineAccuracy()
+        self._canary_notes: dict[str, str] = {}
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -116,6 +126,8 @@ class Controller:
                 blends.append(self._activate(model, version, by="seed" if seeded else "", write_pointer=seeded is not None))
             except SoupError as exc:
                 raise exc.within((where or {}).get(model, f"model {model!r} version {version}")) from None
+            if pointer is not None and pointer.canary:
+                self._follow_canary(model, pointer)
         return blends
 
     def start_watching(self) -> None:
@@ -232,6 +244,8 @@ class Controller:
         building = self._building.get(item.model)
         if pointer is not None and item.version == pointer.version:
             return "active"
+        if pointer is not None and item.version == pointer.canary:
+            return "canary"
         if building is not None and building.version == item.version:
             return "building"
         if item.state == "building":
@@ -245,6 +259,8 @@ class Controller:
             out = []
             for model, blend in sorted(self.repository.models().items()):
                 resident = self.residency.of(model)
+                route = self.repository.canary(model)
+                serving = [v for v in (blend.version if blend else 0, route.blend.version if route else 0) if v]
                 out.append(
                     ModelStatus(
                         model=model,
@@ -253,6 +269,10 @@ class Controller:
                         resident=tuple(b.version for b in resident),
                         active_bytes=blend.nbytes if blend else 0,
                         resident_bytes=sum(b.nbytes for b in resident),
+                        canary=route.blend.version if route else 0,
+                        canary_percent=route.percent if route else 0.0,
+                        online={v: self.online.rolling(model, v) for v in serving},
+                        canary_note=self._canary_notes.get(model, ""),
                     )
                 )
             return out
@@ -274,12 +294,111 @@ class Controller:
     # ---- the work ----------------------------------------------------------------------------
 
     def _build_and_maybe_activate(self, stored: StoredVersion, activate: bool, by: str) -> Blend:
-        if activate:
+        rollout = stored.spec.rollout
+        if activate and rollout is None:
             return self._activate(stored.model, stored.version, by=by, write_pointer=True)
+        model = stored.model
         blend = self._build(stored)
-        self.residency.add(stored.model, blend)
+        if activate and rollout is not None:
+            active = self.repository.models().get(model)
+            self._gate(stored, blend, active)
+            if rollout.canary is not None and active is not None:
+                return self._start_canary(model, blend, by)
+        self.residency.add(model, blend)
+        if activate:
+            return self._activate(model, stored.version, by=by, write_pointer=True)
         self._bump()
         return blend
+
+    def _gate(self, stored: StoredVersion, blend: Blend, active: Blend | None) -> None:
+        """Refuse a candidate the rollout gate finds worse; it is stored as rejected, with both numbers."""
+        try:
+            line = check_gate(
+                stored.spec, blend.version, blend.evaluation, (active.version, active.evaluation) if active else None
+            )
+        except GateRejected as exc:
+            _log.warning("model %s: version %d: %s", stored.model, stored.version, exc)
+            self._observer.build_failed(stored.model, exc.reason)
+            self.store.record(self.store.get(stored.model, stored.version), "rejected", reason=str(exc))
+            self._bump()
+            raise
+        _log.info("model %s: version %d: %s", stored.model, stored.version, line)
+
+    # ---- canaries ----------------------------------------------------------------------------
+
+    def _start_canary(self, model: str, blend: Blend, by: str, write_pointer: bool = True) -> Blend:
+        canary = blend.spec.rollout.canary  # type: ignore[union-attr]
+        assert canary is not None
+        with self._model_lock(model):
+            active = self.repository.models().get(model)
+            replaced = self.repository.start_canary(CanaryRoute(blend, canary.percent, canary.sticky))
+            del replaced  # a canary pushed over another ends the first
+            self.online.restart(model, blend.version)
+            if active is not None:
+                self.online.restart(model, active.version)
+            self._canary_notes[model] = f"started: {canary.percent:g}% of traffic"
+            if write_pointer:
+                pointer = self.store.pointer(model)
+                if pointer is not None:
+                    self.store.point(model, replace(pointer, canary=blend.version, by=by, at=time.time()))
+        self._observer.canary_changed(model, blend.version, canary.percent)
+        _log.info("model %s: version %d is a canary taking %g%% of traffic", model, blend.version, canary.percent)
+        self._bump()
+        return blend
+
+    def promote_canary(self, model: str, by: str, why: str = "by hand") -> StoredVersion:
+        """The canary becomes the active version (one swap); the old active one is kept for rollback."""
+        route = self.repository.canary(model)
+        if route is None:
+            raise VersionConflict(f"model {model!r} has no canary to promote")
+        self._activate(model, route.blend.version, by=by, write_pointer=True)
+        self._canary_notes[model] = f"promoted ({why})"
+        self._observer.canary_decided(model, route.blend.version, "promoted")
+        _log.info("model %s: canary version %d promoted (%s)", model, route.blend.version, why)
+        return self.store.get(model, route.blend.version)
+
+    def abort_canary(self, model: str, by: str, why: str = "by hand", reject: bool = False) -> StoredVersion:
+        """All traffic back to the active version; an automatic rollback marks the canary rejected."""
+        with self._model_lock(model):
+            route = self.repository.end_canary(model)
+            if route is None:
+                raise VersionConflict(f"model {model!r} has no canary to abort")
+            version = route.blend.version
+            pointer = self.store.pointer(model)
+            if pointer is not None and pointer.canary:
+                self.store.point(model, replace(pointer, canary=0, by=by, at=time.time()))
+            if reject:
+                self.store.record(self.store.get(model, version), "rejected", reason=f"canary rolled back: {why}")
+            self._canary_notes[model] = f"rolled back ({why})"
+        self._observer.canary_changed(model, 0, 0.0)
+        self._observer.canary_decided(model, version, "rolled_back")
+        _log.warning("model %s: canary version %d rolled back (%s)", model, version, why)
+        self._bump()
+        return self.store.get(model, version)
+
+    def feedback(self, model: str, request_id: str, labels: list[int]) -> int | None:
+        """Score the version that answered ``request_id``; decide the canary when it has enough.
+        Returns that version, or None for an unknown request id (counted, never an error)."""
+        prediction = self.online.labelled(model, request_id, labels)
+        if prediction is None:
+            self._observer.feedback_ignored(model if model in self.repository.models() else "")
+            return None
+        accuracy, samples = self.online.rolling(model, prediction.version)
+        self._observer.online_accuracy(model, prediction.version, accuracy, samples)
+        route, active = self.repository.canary(model), self.repository.models().get(model)
+        if route is not None and active is not None and route.blend.spec.rollout is not None:
+            canary = route.blend.spec.rollout.canary
+            assert canary is not None
+            verdict = decide(canary, self.online.totals(model, route.blend.version), self.online.totals(model, active.version))
+            self._canary_notes[model] = verdict.line
+            try:
+                if verdict.decision == "promote":
+                    self.promote_canary(model, by="canary", why=verdict.line)
+                elif verdict.decision == "rollback":
+                    self.abort_canary(model, by="canary", why=verdict.line, reject=True)
+            except VersionConflict:
+                pass  # decided by another feedback call a moment ago
+        return prediction.version
 
     def _replace_in_place(self, stored: StoredVersion, by: str) -> Blend:
         """Give up the serving blend (and the kept ones) first, then build: the model pauses
@@ -324,6 +443,9 @@ class Controller:
                     return blend  # activated again elsewhere meanwhile: the next poll follows that
             self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
             current = self.repository.models().get(model)
+            ended = self.repository.end_canary(model) if self.repository.canary(model) is not None else None
+            if ended is not None:
+                self._observer.canary_changed(model, 0, 0.0)
             if current is None or current.version != version:
                 previous = self.repository.swap(blend)
                 self._observer.blend_swapped(model, version, time.perf_counter() - requested)
@@ -367,6 +489,7 @@ class Controller:
                 progress,
                 donor=lambda: self.residency.donor(model),
                 room=lambda n: self.residency.room(model, version, n),
+                resolution=stored.resolution,
             )
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
             self._failed(stored, OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}"))
@@ -376,7 +499,15 @@ class Controller:
             raise
         finally:
             self._set_building(None, model)
-        self.store.record(stored, "ready", build_seconds=round(blend.build_seconds, 3), checksums=dict(blend.checksums))
+        self.store.record(
+            stored,
+            "ready",
+            build_seconds=round(blend.build_seconds, 3),
+            checksums=dict(blend.checksums),
+            evaluation=_plain(blend.evaluation),
+            ingredient_evaluation=_plain(blend.ingredient_evaluation),
+            resolution=blend.resolution,
+        )
         return blend
 
     def _failed(self, stored: StoredVersion, exc: SoupError) -> None:
@@ -413,7 +544,10 @@ class Controller:
                         self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
                 self._bump()
                 continue
-            if pointer is None or pointer.version == 0 or (current is not None and current.version == pointer.version):
+            if pointer is not None and current is not None and current.version == pointer.version:
+                self._follow_canary(model, pointer)
+                continue
+            if pointer is None or pointer.version == 0:
                 continue
             if self._given_up.get(model) == pointer.version or model in self._building:
                 continue
@@ -423,6 +557,26 @@ class Controller:
             except SoupError as exc:
                 self._given_up[model] = pointer.version
                 _log.error("model %s: cannot follow version %d: %s", model, pointer.version, exc)
+
+    def _follow_canary(self, model: str, pointer: Pointer) -> None:
+        """Start or end the canary the store names, as another replica (or a restart) left it."""
+        route = self.repository.canary(model)
+        local = route.blend.version if route is not None else 0
+        if pointer.canary == local or self._given_up.get(model) == -pointer.canary:
+            return
+        if pointer.canary == 0:
+            self.repository.end_canary(model)
+            self._observer.canary_changed(model, 0, 0.0)
+            self._bump()
+            return
+        try:
+            stored = self.store.get(model, pointer.canary)
+            if stored.spec.rollout is None or stored.spec.rollout.canary is None:
+                raise VersionConflict(f"version {pointer.canary} has no rollout.canary section")
+            self._start_canary(model, self._build(stored), by="", write_pointer=False)
+        except SoupError as exc:
+            self._given_up[model] = -pointer.canary
+            _log.error("model %s: cannot follow canary version %d: %s", model, pointer.canary, exc)
 
     def _model_lock(self, model: str) -> threading.Lock:
         with self._lock:
@@ -440,6 +594,11 @@ class Controller:
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings as plain dicts, for JSON."""
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 LOCAL_FAILURES = (OutOfMemory, IngredientMissing, StoreError)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tureen.core.blends import BlendRepository
 from tureen.core.observer import Observer
+from tureen.core.rollout import OnlineAccuracy
 from tureen.core.statistics import StatisticsBook, Timings, VersionStatistics
 from tureen.errors import InferenceFailed, SoupError
 
@@ -27,6 +28,7 @@ class InferRequest:
     inputs: Mapping[str, torch.Tensor]
     outputs: tuple[str, ...] | None
     received_ns: int
+    parameters: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,15 @@ class InferResponse:
 class Engine:
     """Runs requests on whichever blend is active when each request starts."""
 
-    def __init__(self, repository: BlendRepository, observer: Observer) -> None:
+    def __init__(self, repository: BlendRepository, observer: Observer, online: OnlineAccuracy | None = None) -> None:
         self.repository = repository
         self.statistics = StatisticsBook()
+        self.online = online if online is not None else OnlineAccuracy()
         self._observer = observer
 
     def infer(self, request: InferRequest) -> InferResponse:
         try:
-            blend = self.repository.active(request.model, request.version)
+            blend = self.repository.route(request.model, request.version, request.parameters)
             started = time.perf_counter_ns()
             names = blend.signature.check_outputs(request.outputs)
             batch = blend.signature.check_inputs(request.inputs)
@@ -61,6 +64,7 @@ class Engine:
             result = blend.forward(prepared)
             output_at = time.perf_counter_ns()
             outputs = blend.collect(result, names)
+            classes = blend.predicted_classes(result) if request.id else None
         except Exception as exc:
             failure = InferenceFailed(f"model {blend.model!r} version {blend.version}: inference failed: {exc}")
             self.reject(request.model, request.received_ns, failure)
@@ -73,6 +77,8 @@ class Engine:
             compute_output=done - output_at,
         )
         total = done - request.received_ns
+        if classes is not None:  # kept so that Feedback can score this request later
+            self.online.predicted(blend.model, request.id, blend.version, classes)
         self.statistics.success(blend.model, blend.version, batch, total, timings)
         self._observer.request_finished(
             blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +18,11 @@ from torch import nn
 from tureen.core.architecture import aliases, instantiate, interface_of, retie
 from tureen.core.blends import Blend
 from tureen.core.datatypes import BLEND_DTYPES
+from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.observer import Observer
 from tureen.core.recipe import check_compatible, mix
+from tureen.core.search import needs_search, resolved_spec, search
 from tureen.core.signature import Signature
 from tureen.errors import ArchitectureError, OutOfMemory, SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
@@ -63,6 +66,7 @@ class Kitchen:
         progress: Progress | None = None,
         donor: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
         room: Callable[[int], None] | None = None,
+        resolution: Mapping[str, Any] | None = None,
     ) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
 
@@ -72,6 +76,10 @@ class Kitchen:
         the merge writes there instead of into fresh memory (no page faults, no new memory).
         Otherwise ``room(nbytes)`` is asked first whether the blend's new memory fits; it raises
         ``OutOfMemory`` when not, before anything is allocated.
+
+        A searched recipe (greedy, learned, a grid) is searched here unless ``resolution`` (what
+        an earlier build of this version settled on) is given; the blend carries the resolution
+        and, when the spec has an evaluation section, its scores and its ingredients' scores.
         """
         started = time.perf_counter()
         if spec.architecture is None:
@@ -81,42 +89,98 @@ class Kitchen:
         ingredients = self.load(spec, progress)
         tied = aliases(skeleton)
         check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
+        dtype, device = BLEND_DTYPES[spec.dtype], self.pool.device
+        evaluator = Evaluator(spec.evaluation, signature, device, dtype) if spec.evaluation is not None else None
+        recipe = spec
+        if needs_search(spec):
+            assert evaluator is not None  # the spec requires an evaluation section for a search
+            if resolution is None:
+                found = search(spec, ingredients, _probe(spec.architecture, device), evaluator, _stage(progress, 0.6, 0.2))
+                resolution = {"merge": found.merge, "log": found.log}
+            recipe = resolved_spec(spec, resolution["merge"])
         if progress is not None:
-            progress("merging", 0.6)
+            progress("merging", 0.8 if resolution else 0.6)
         merged = None
         try:
             into = donor() if donor is not None else None
             if into is not None:
                 try:
-                    merged = mix(spec, ingredients, kernels=self.kernels, into=into)
+                    merged = mix(recipe, ingredients, kernels=self.kernels, into=into)
                 except ValueError:  # another layout (architecture or dtype changed): fresh memory
                     merged = None
             if merged is None:
                 if room is not None:
                     room(_blend_bytes(spec, ingredients))
-                merged = mix(spec, ingredients, kernels=self.kernels)
+                merged = mix(recipe, ingredients, kernels=self.kernels)
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
         if progress is not None:
             progress("warming up", 0.9)
-        module = _materialize(spec.architecture, skeleton, merged, self.pool.device)
+        module = _materialize(spec.architecture, skeleton, merged, device)
         blend = Blend(
             model=spec.model,
             version=version,
             module=module,
             signature=signature,
-            device=self.pool.device,
-            dtype=BLEND_DTYPES[spec.dtype],
+            device=device,
+            dtype=dtype,
             nbytes=sum(t.numel() * t.element_size() for t in merged.values()),
             build_seconds=time.perf_counter() - started,
             spec=spec,
             checksums={name: ingredient.digest for name, ingredient in ingredients.items()},
             weights=merged,
+            resolution=resolution,
         )
         blend = _warm_up(blend)
+        if evaluator is not None:
+            if progress is not None:
+                progress("evaluating", 0.95)
+            blend = _evaluate(blend, evaluator, ingredients, spec)
+            blend = replace(blend, build_seconds=time.perf_counter() - started)
+            self._observer.blend_evaluated(spec.model, version, blend.evaluation, blend.ingredient_evaluation)
         self._observer.blend_built(spec.model, version, blend.build_seconds)
         _log.info("model %s: version %d built in %.2f s", spec.model, version, blend.build_seconds)
         return blend
+
+
+def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingredient], spec: SoupSpec) -> Blend:
+    """Score the blend on every split, and each ingredient alone when the spec asks."""
+    scores = evaluator.score_all(evaluator.module_forward(blend.module))
+    alone: dict[str, dict[str, Scores]] = {}
+    if evaluator.evaluation.ingredients:
+        probe = _probe(spec.architecture, blend.device)  # type: ignore[arg-type]
+        for ref in spec.ingredients:
+            tensors = ingredients[ref.name].tensors
+            state = {k: t.to(blend.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+            alone[ref.name] = evaluator.score_all(evaluator.functional_forward(probe, state))
+    for split, values in scores.items():
+        _log.info(
+            "model %s: version %d on %r: %s",
+            blend.model,
+            blend.version,
+            split,
+            ", ".join(f"{k} {v:.4f}" for k, v in values.items()),
+        )
+    return replace(blend, evaluation=scores, ingredient_evaluation=alone)
+
+
+def _probe(arch: Architecture, device: torch.device) -> nn.Module:
+    """A module to run functionally with other weights: free on the meta device unless it keeps
+    buffers outside its state dict, which the supplied weights would not cover."""
+    skeleton = instantiate(arch, "meta")
+    persistent = set(skeleton.state_dict())
+    if any(name not in persistent for name, _ in skeleton.named_buffers()):
+        return instantiate(arch, device).eval()
+    return skeleton.eval()
+
+
+def _stage(progress: Progress | None, start: float, width: float) -> Callable[[str, float], None]:
+    def report(line: str, fraction: float) -> None:
+        _log.info("%s", line)
+        if progress is not None:
+            progress(line, start + width * fraction)
+
+    return report
 
 
 def _blend_bytes(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> int:

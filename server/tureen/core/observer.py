@@ -7,6 +7,7 @@ and never fails a request or a build.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 _log = logging.getLogger("tureen.observer")
@@ -36,6 +37,27 @@ class Observer(Protocol):
     def resident_memory(self, model: str, nbytes: int) -> None:
         """Blends of ``model`` kept for instant rollback (besides the active one) hold ``nbytes``."""
 
+    def blend_evaluated(
+        self,
+        model: str,
+        version: int,
+        scores: Mapping[str, Mapping[str, float]],
+        ingredients: Mapping[str, Mapping[str, Mapping[str, float]]],
+    ) -> None:
+        """Held-out scores of a version (split -> metric -> value), and of its ingredients alone."""
+
+    def online_accuracy(self, model: str, version: int, accuracy: float, samples: int) -> None:
+        """Rolling accuracy of a version on labelled live requests, over ``samples`` of them."""
+
+    def feedback_ignored(self, model: str) -> None:
+        """Feedback named a request id that is unknown (or forgotten); it was counted and dropped."""
+
+    def canary_changed(self, model: str, version: int, percent: float) -> None:
+        """``version`` now takes ``percent`` of ``model``'s traffic as a canary (0: no canary)."""
+
+    def canary_decided(self, model: str, version: int, decision: str) -> None:
+        """A canary ended: ``promoted`` or ``rolled_back``, automatically or by hand."""
+
 
 class NullObserver:
     """Observes nothing; for the offline ``tureen merge`` and for library use."""
@@ -59,6 +81,21 @@ class NullObserver:
         pass
 
     def resident_memory(self, *args: Any) -> None:
+        pass
+
+    def blend_evaluated(self, *args: Any) -> None:
+        pass
+
+    def online_accuracy(self, *args: Any) -> None:
+        pass
+
+    def feedback_ignored(self, *args: Any) -> None:
+        pass
+
+    def canary_changed(self, *args: Any) -> None:
+        pass
+
+    def canary_decided(self, *args: Any) -> None:
         pass
 
 

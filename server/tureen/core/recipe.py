@@ -69,6 +69,7 @@ def mix(
     *,
     kernels: Kernels = "auto",
     into: Mapping[str, torch.Tensor] | None = None,
+    quiet: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Merge the ingredients' tensors by the spec's method into the spec's dtype.
 
@@ -129,7 +130,8 @@ def mix(
             _log.info("merging: %d/%d tensors", done + len(group), len(reference))
         done += len(group)
     parameters = sum(t.numel() for t in merged.values())
-    _log.info(
+    _log.log(
+        logging.DEBUG if quiet else logging.INFO,  # a search merges many candidates; it logs its own steps
         "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s (%s kernels)",
         len(merged),
         parameters / 1e6,

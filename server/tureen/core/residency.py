@@ -84,7 +84,9 @@ class Residency:
 
     def room(self, model: str, version: int, needed: int) -> None:
         """Refuse a build whose new blend would not fit beside the blends held, before it allocates."""
-        held = sum(b.nbytes for b in self._repository.models().values() if b is not None)
+        models = self._repository.models()
+        held = sum(b.nbytes for b in models.values() if b is not None)
+        held += sum(route.blend.nbytes for m in models if (route := self._repository.canary(m)) is not None)
         with self._lock:
             held += sum(b.nbytes for kept in self._kept.values() for b in kept)
         where = f"model {model!r} version {version}: the blend needs {_size(needed)}"

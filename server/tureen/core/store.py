@@ -30,7 +30,7 @@ from typing import Any, Literal
 from tureen.errors import ModelNotFound, SoupError, StoreError, VersionConflict
 from tureen.spec import SoupSpec, parse_spec, spec_document
 
-State = Literal["stored", "building", "ready", "failed"]
+State = Literal["stored", "building", "ready", "failed", "rejected"]
 _VERSION_FILE = re.compile(r"^(\d{8})\.json$")
 _TAKEN = re.compile(r"^(\d{8})\.(?:json|deleted)$")
 
@@ -49,6 +49,12 @@ class StoredVersion:
     build_seconds: float | None = None
     checksums: dict[str, str] = field(default_factory=dict)
     """sha256 of each ingredient, by ingredient name, as resolved by the build."""
+    evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Held-out scores of the blend, by split and metric."""
+    ingredient_evaluation: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Each ingredient's scores alone, by ingredient, split and metric."""
+    resolution: dict[str, Any] | None = None
+    """A searched recipe's outcome: the merge section it resolved to and the search's log."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class Pointer:
     history: tuple[int, ...] = ()
     by: str = ""
     at: float = 0.0
+    canary: int = 0
+    """A version taking a share of traffic beside ``version`` (0: none)."""
 
 
 class SpecStore:
@@ -117,6 +125,9 @@ class SpecStore:
             reason=str(state.get("reason", "")),
             build_seconds=state.get("build_seconds"),
             checksums=dict(state.get("checksums", {})),
+            evaluation=dict(state.get("evaluation", {})),
+            ingredient_evaluation=dict(state.get("ingredient_evaluation", {})),
+            resolution=state.get("resolution"),
         )
 
     def versions(self, model: str) -> list[StoredVersion]:
@@ -142,8 +153,17 @@ class SpecStore:
         return [name for name in names if self.version_numbers(name)]
 
     def record(self, stored: StoredVersion, state: State, reason: str = "", **more: Any) -> StoredVersion:
-        """Record a version's new build state (with ``build_seconds`` or ``checksums`` when known)."""
-        current = {"state": state, "reason": reason, "build_seconds": stored.build_seconds, "checksums": stored.checksums}
+        """Record a version's new build state (with ``build_seconds``, ``checksums``, ``evaluation``,
+        ``ingredient_evaluation`` or ``resolution`` when known; the others are kept)."""
+        current = {
+            "state": state,
+            "reason": reason,
+            "build_seconds": stored.build_seconds,
+            "checksums": stored.checksums,
+            "evaluation": stored.evaluation,
+            "ingredient_evaluation": stored.ingredient_evaluation,
+            "resolution": stored.resolution,
+        }
         current.update(more)
         path = self._versions(stored.model) / f"{stored.version:08d}.state.json"
         self._replace(path, current)
@@ -173,11 +193,23 @@ class SpecStore:
         record = _read_json(self.root / "models" / model / "active.json")
         if record is None:
             return None
-        return Pointer(int(record["version"]), tuple(record.get("history", ())), record.get("by", ""), record.get("at", 0.0))
+        return Pointer(
+            int(record["version"]),
+            tuple(record.get("history", ())),
+            record.get("by", ""),
+            record.get("at", 0.0),
+            int(record.get("canary", 0)),
+        )
 
     def point(self, model: str, pointer: Pointer) -> None:
         """Make ``pointer`` the model's active pointer (the last writer wins between replicas)."""
-        record = {"version": pointer.version, "history": list(pointer.history[-100:]), "by": pointer.by, "at": pointer.at}
+        record = {
+            "version": pointer.version,
+            "history": list(pointer.history[-100:]),
+            "by": pointer.by,
+            "at": pointer.at,
+            "canary": pointer.canary,
+        }
         self._replace(self.root / "models" / model / "active.json", record)
 
     # ---- files -----------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class MethodDecl:
     min_ingredients: int = 1
     max_ingredients: int | None = None
     """Counts the ingredients other than the base."""
+    search: bool = False
+    """A recipe searched on held-out data at build time (greedy, learned), resolved to a linear merge."""
 
     @property
     def by_name(self) -> Mapping[str, Param]:
@@ -174,9 +176,42 @@ DECLARATIONS: Mapping[str, MethodDecl] = {
 }
 
 
+SEARCHES: Mapping[str, MethodDecl] = {
+    decl.name: decl
+    for decl in (
+        MethodDecl(
+            "greedy",
+            "greedy soup: add ingredients best first while the held-out metric does not get worse",
+            (),
+            min_ingredients=1,
+            search=True,
+        ),
+        MethodDecl(
+            "learned",
+            "mixing weights learned on the held-out split by gradient descent (softmax over ingredients)",
+            (
+                Param(
+                    "granularity",
+                    "one weight vector for the model, or one per layer",
+                    "model",
+                    kind="choice",
+                    choices=("model", "layer"),
+                ),
+                Param("steps", "gradient steps", 60, kind="integer", low=1, high=10000),
+                Param("lr", "learning rate of the mixing logits (Adam)", 0.1, low=0.0, low_open=True),
+            ),
+            min_ingredients=2,
+            search=True,
+        ),
+    )
+}
+"""Recipes searched at build time; each resolves to a ``linear`` merge stored with the version."""
+
+
 def declaration(name: str) -> MethodDecl:
-    """The declaration of method ``name``; the error lists the methods that exist."""
-    try:
-        return DECLARATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r} (known: {', '.join(sorted(DECLARATIONS))})") from None
+    """The declaration of method ``name`` (a merge method or a search); the error lists them all."""
+    found = DECLARATIONS.get(name) or SEARCHES.get(name)
+    if found is None:
+        known = ", ".join(sorted([*DECLARATIONS, *SEARCHES]))
+        raise ValueError(f"unknown merge method {name!r} (known: {known})")
+    return found

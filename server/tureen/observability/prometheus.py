@@ -6,6 +6,7 @@ can be compared side by side while a new one rolls out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -23,6 +24,12 @@ from prometheus_client.process_collector import ProcessCollector
 prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+EVAL_METRICS = {
+    "accuracy": "accuracy",
+    "nll": "negative log-likelihood per sample (or token)",
+    "ece": "expected calibration error (15 bins)",
+    "perplexity": "perplexity",
+}
 BUILD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -102,6 +109,51 @@ class PrometheusObserver:
             ("model",),
             registry=self.registry,
         )
+        self.eval_scores = {
+            metric: Gauge(
+                f"tureen_eval_{metric}",
+                f"Held-out {text} of each blend version, per evaluation split.",
+                ("model", "version", "split"),
+                registry=self.registry,
+            )
+            for metric, text in EVAL_METRICS.items()
+        }
+        self.ingredient_scores = {
+            metric: Gauge(
+                f"tureen_ingredient_eval_{metric}",
+                f"Held-out {text} of each ingredient alone, per evaluation split.",
+                ("model", "ingredient", "split"),
+                registry=self.registry,
+            )
+            for metric, text in EVAL_METRICS.items()
+        }
+        self.online = Gauge(
+            "tureen_online_accuracy",
+            "Rolling accuracy of each version on live requests whose true label came back as feedback.",
+            ("model", "version"),
+            registry=self.registry,
+        )
+        self.online_samples = Gauge(
+            "tureen_online_labelled_samples",
+            "Labelled live requests behind tureen_online_accuracy.",
+            ("model", "version"),
+            registry=self.registry,
+        )
+        self.feedback_unknown = Counter(
+            "tureen_feedback_ignored",
+            "Feedback for request ids the server does not know (ignored).",
+            ("model",),
+            registry=self.registry,
+        )
+        self.canary_percent = Gauge(
+            "tureen_canary_percent", "Share of traffic the canary version takes (0: none).", ("model",), registry=self.registry
+        )
+        self.canary_version = Gauge(
+            "tureen_canary_version", "The version in canary (0: none).", ("model",), registry=self.registry
+        )
+        self.canary_decisions = Counter(
+            "tureen_canary_decisions", "Canaries ended, by decision.", ("model", "decision"), registry=self.registry
+        )
 
         # Label lookups take a lock and build tuples; on the request path we reuse the children.
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
@@ -146,6 +198,35 @@ class PrometheusObserver:
 
     def ingredient_memory(self, device: str, nbytes: int) -> None:
         self.ingredient_memory_bytes.labels(device).set(nbytes)
+
+    def blend_evaluated(
+        self,
+        model: str,
+        version: int,
+        scores: Mapping[str, Mapping[str, float]],
+        ingredients: Mapping[str, Mapping[str, Mapping[str, float]]],
+    ) -> None:
+        for split, values in scores.items():
+            for metric, value in values.items():
+                self.eval_scores[metric].labels(model, str(version), split).set(value)
+        for ingredient, by_split in ingredients.items():
+            for split, values in by_split.items():
+                for metric, value in values.items():
+                    self.ingredient_scores[metric].labels(model, ingredient, split).set(value)
+
+    def online_accuracy(self, model: str, version: int, accuracy: float, samples: int) -> None:
+        self.online.labels(model, str(version)).set(accuracy)
+        self.online_samples.labels(model, str(version)).set(samples)
+
+    def feedback_ignored(self, model: str) -> None:
+        self.feedback_unknown.labels(model).inc()
+
+    def canary_changed(self, model: str, version: int, percent: float) -> None:
+        self.canary_percent.labels(model).set(percent)
+        self.canary_version.labels(model).set(version)
+
+    def canary_decided(self, model: str, version: int, decision: str) -> None:
+        self.canary_decisions.labels(model, decision).inc()
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:

@@ -38,6 +38,12 @@ def encode_version(stored: StoredVersion, state: str | None = None) -> pb.Versio
         pushed_at=stored.pushed_at,
         build_seconds=stored.build_seconds or 0.0,
         checksums=stored.checksums,
+        evaluation={split: pb.Scores(metrics=values) for split, values in stored.evaluation.items()},
+        ingredient_evaluation=[
+            pb.IngredientScores(ingredient=name, splits={split: pb.Scores(metrics=v) for split, v in by_split.items()})
+            for name, by_split in stored.ingredient_evaluation.items()
+        ],
+        resolution_json=json.dumps(stored.resolution) if stored.resolution is not None else "",
     )
 
 
@@ -79,6 +85,14 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         self._controller.delete(request.model, request.version)
         return pb.DeleteVersionReply()
 
+    def PromoteCanary(self, request: pb.CanaryRequest, context: grpc.ServicerContext) -> pb.VersionReply:
+        stored = self._controller.promote_canary(request.model, _peer_user("", context))
+        return pb.VersionReply(version=encode_version(stored, "active"))
+
+    def AbortCanary(self, request: pb.CanaryRequest, context: grpc.ServicerContext) -> pb.VersionReply:
+        stored = self._controller.abort_canary(request.model, _peer_user("", context))
+        return pb.VersionReply(version=encode_version(stored, self._controller.state_of(stored)))
+
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusReply:
         return self._status(request.model)
 
@@ -109,8 +123,23 @@ def _encode_status(status: ModelStatus) -> pb.ModelStatus:
         resident_versions=list(status.resident),
         active_bytes=status.active_bytes,
         resident_bytes=status.resident_bytes,
+        canary_version=status.canary,
+        canary_percent=status.canary_percent,
+        online={v: pb.Online(accuracy=acc, samples=n) for v, (acc, n) in status.online.items()},
+        canary_note=status.canary_note,
     )
     if status.building is not None:
         b = status.building
         message.building.CopyFrom(pb.BuildProgress(version=b.version, stage=b.stage, fraction=b.fraction, started_at=b.started))
     return message
+
+
+class FeedbackServicer(admin_pb2_grpc.SoupFeedbackServicer):
+    """Applications report true labels by request id; the controller scores and decides canaries."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackReply:
+        version = self._controller.feedback(request.model, request.request_id, list(request.labels))
+        return pb.FeedbackReply(matched=version is not None, version=version or 0)

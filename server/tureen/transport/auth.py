@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 ADMIN_PREFIXES = ("/tureen.v1.SoupAdmin/", "/inference.GRPCInferenceService/Repository")
-INFERENCE_PREFIX = "/inference.GRPCInferenceService/"
+INFERENCE_PREFIXES = ("/inference.GRPCInferenceService/", "/tureen.v1.SoupFeedback/")
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
@@ -29,7 +29,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(ADMIN_PREFIXES):
             expected, what = self._admin, "admin"
-        elif method.startswith(INFERENCE_PREFIX):
+        elif method.startswith(INFERENCE_PREFIXES):
             expected, what = self._inference, "inference"
         else:
             expected, what = None, ""

@@ -56,7 +56,14 @@ def decode_infer_request(request: pb.ModelInferRequest, received_ns: int) -> Inf
         inputs=inputs,
         outputs=outputs,
         received_ns=received_ns,
+        parameters={name: _parameter_text(value) for name, value in request.parameters.items()},
     )
+
+
+def _parameter_text(value: pb.InferParameter) -> str:
+    """A request parameter as text (a sticky canary key compares parameters as strings)."""
+    kind = value.WhichOneof("parameter_choice")
+    return "" if kind is None else str(getattr(value, kind))
 
 
 def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
 from tureen.errors import SoupError
-from tureen.transport.admin import AdminServicer
+from tureen.transport.admin import AdminServicer, FeedbackServicer
 from tureen.transport.auth import TokenInterceptor
 from tureen.transport.health import INFERENCE_SERVICE, add_health
 from tureen.transport.kserve import InferenceServicer
@@ -22,6 +22,7 @@ from tureen.transport.status import ErrorInterceptor
 from tureen.v1 import admin_pb2, admin_pb2_grpc
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["SoupAdmin"].full_name
+FEEDBACK_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["SoupFeedback"].full_name
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ def create_server(
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository, controller), server)
     admin_pb2_grpc.add_SoupAdminServicer_to_server(AdminServicer(controller, controller.kitchen.pool), server)
+    admin_pb2_grpc.add_SoupFeedbackServicer_to_server(FeedbackServicer(controller), server)
     health_servicer = add_health(server, repository)
-    services = (INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    services = (INFERENCE_SERVICE, ADMIN_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -6,8 +6,60 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FeedbackRequest(_message.Message):
+    __slots__ = ("model", "request_id", "labels")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FeedbackReply(_message.Message):
+    __slots__ = ("matched", "version")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    matched: bool
+    version: int
+    def __init__(self, matched: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+
+class CanaryRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class Scores(_message.Message):
+    __slots__ = ("metrics",)
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class IngredientScores(_message.Message):
+    __slots__ = ("ingredient", "splits")
+    class SplitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Scores
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Scores, _Mapping]] = ...) -> None: ...
+    INGREDIENT_FIELD_NUMBER: _ClassVar[int]
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    ingredient: str
+    splits: _containers.MessageMap[str, Scores]
+    def __init__(self, ingredient: _Optional[str] = ..., splits: _Optional[_Mapping[str, Scores]] = ...) -> None: ...
+
 class VersionInfo(_message.Message):
-    __slots__ = ("model", "version", "state", "reason", "pushed_by", "pushed_at", "build_seconds", "checksums")
+    __slots__ = ("model", "version", "state", "reason", "pushed_by", "pushed_at", "build_seconds", "checksums", "evaluation", "ingredient_evaluation", "resolution_json")
     class ChecksumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +67,13 @@ class VersionInfo(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Scores
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Scores, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +82,9 @@ class VersionInfo(_message.Message):
     PUSHED_AT_FIELD_NUMBER: _ClassVar[int]
     BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    INGREDIENT_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_JSON_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     state: str
@@ -31,7 +93,10 @@ class VersionInfo(_message.Message):
     pushed_at: float
     build_seconds: float
     checksums: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., pushed_by: _Optional[str] = ..., pushed_at: _Optional[float] = ..., build_seconds: _Optional[float] = ..., checksums: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    evaluation: _containers.MessageMap[str, Scores]
+    ingredient_evaluation: _containers.RepeatedCompositeFieldContainer[IngredientScores]
+    resolution_json: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., pushed_by: _Optional[str] = ..., pushed_at: _Optional[float] = ..., build_seconds: _Optional[float] = ..., checksums: _Optional[_Mapping[str, str]] = ..., evaluation: _Optional[_Mapping[str, Scores]] = ..., ingredient_evaluation: _Optional[_Iterable[_Union[IngredientScores, _Mapping]]] = ..., resolution_json: _Optional[str] = ...) -> None: ...
 
 class PushSpecRequest(_message.Message):
     __slots__ = ("spec_json", "activate", "wait", "pushed_by", "in_place")
@@ -128,20 +193,43 @@ class BuildProgress(_message.Message):
     def __init__(self, version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "active_version", "building", "resident_versions", "active_bytes", "resident_bytes")
+    __slots__ = ("model", "active_version", "building", "resident_versions", "active_bytes", "resident_bytes", "canary_version", "canary_percent", "online", "canary_note")
+    class OnlineEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: Online
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[Online, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUILDING_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    CANARY_NOTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     active_version: int
     building: BuildProgress
     resident_versions: _containers.RepeatedScalarFieldContainer[int]
     active_bytes: int
     resident_bytes: int
-    def __init__(self, model: _Optional[str] = ..., active_version: _Optional[int] = ..., building: _Optional[_Union[BuildProgress, _Mapping]] = ..., resident_versions: _Optional[_Iterable[int]] = ..., active_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    canary_version: int
+    canary_percent: float
+    online: _containers.MessageMap[int, Online]
+    canary_note: str
+    def __init__(self, model: _Optional[str] = ..., active_version: _Optional[int] = ..., building: _Optional[_Union[BuildProgress, _Mapping]] = ..., resident_versions: _Optional[_Iterable[int]] = ..., active_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., online: _Optional[_Mapping[int, Online]] = ..., canary_note: _Optional[str] = ...) -> None: ...
+
+class Online(_message.Message):
+    __slots__ = ("accuracy", "samples")
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    accuracy: float
+    samples: int
+    def __init__(self, accuracy: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class GetStatusReply(_message.Message):
     __slots__ = ("models", "device", "ingredient_bytes")

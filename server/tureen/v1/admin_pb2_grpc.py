@@ -74,6 +74,16 @@ class SoupAdminStub:
                 request_serializer=tureen_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tureen_dot_v1_dot_admin__pb2.GetStatusReply.FromString,
                 _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/tureen.v1.SoupAdmin/PromoteCanary',
+                request_serializer=tureen_dot_v1_dot_admin__pb2.CanaryRequest.SerializeToString,
+                response_deserializer=tureen_dot_v1_dot_admin__pb2.VersionReply.FromString,
+                _registered_method=True)
+        self.AbortCanary = channel.unary_unary(
+                '/tureen.v1.SoupAdmin/AbortCanary',
+                request_serializer=tureen_dot_v1_dot_admin__pb2.CanaryRequest.SerializeToString,
+                response_deserializer=tureen_dot_v1_dot_admin__pb2.VersionReply.FromString,
+                _registered_method=True)
 
 
 class SoupAdminServicer:
@@ -136,6 +146,20 @@ class SoupAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteCanary(self, request, context):
+        """End a model's canary by making the canary version the active one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCanary(self, request, context):
+        """End a model's canary by sending all traffic back to the active version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SoupAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +202,16 @@ def add_SoupAdminServicer_to_server(servicer, server):
                     servicer.WatchStatus,
                     request_deserializer=tureen_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=tureen_dot_v1_dot_admin__pb2.GetStatusReply.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=tureen_dot_v1_dot_admin__pb2.CanaryRequest.FromString,
+                    response_serializer=tureen_dot_v1_dot_admin__pb2.VersionReply.SerializeToString,
+            ),
+            'AbortCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCanary,
+                    request_deserializer=tureen_dot_v1_dot_admin__pb2.CanaryRequest.FromString,
+                    response_serializer=tureen_dot_v1_dot_admin__pb2.VersionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +430,137 @@ class SoupAdmin:
             '/tureen.v1.SoupAdmin/WatchStatus',
             tureen_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             tureen_dot_v1_dot_admin__pb2.GetStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tureen.v1.SoupAdmin/PromoteCanary',
+            tureen_dot_v1_dot_admin__pb2.CanaryRequest.SerializeToString,
+            tureen_dot_v1_dot_admin__pb2.VersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tureen.v1.SoupAdmin/AbortCanary',
+            tureen_dot_v1_dot_admin__pb2.CanaryRequest.SerializeToString,
+            tureen_dot_v1_dot_admin__pb2.VersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SoupFeedbackStub:
+    """Applications report what the right answer was; authorized like inference, not like admin.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Feedback = channel.unary_unary(
+                '/tureen.v1.SoupFeedback/Feedback',
+                request_serializer=tureen_dot_v1_dot_admin__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=tureen_dot_v1_dot_admin__pb2.FeedbackReply.FromString,
+                _registered_method=True)
+
+
+class SoupFeedbackServicer:
+    """Applications report what the right answer was; authorized like inference, not like admin.
+    """
+
+    def Feedback(self, request, context):
+        """The true labels (one per row) of an inference request, by the id it was sent with. The
+        version that answered is scored; an unknown or forgotten id is counted and ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SoupFeedbackServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=tureen_dot_v1_dot_admin__pb2.FeedbackRequest.FromString,
+                    response_serializer=tureen_dot_v1_dot_admin__pb2.FeedbackReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tureen.v1.SoupFeedback', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tureen.v1.SoupFeedback', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SoupFeedback:
+    """Applications report what the right answer was; authorized like inference, not like admin.
+    """
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tureen.v1.SoupFeedback/Feedback',
+            tureen_dot_v1_dot_admin__pb2.FeedbackRequest.SerializeToString,
+            tureen_dot_v1_dot_admin__pb2.FeedbackReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,233 @@
+"""Scoring blends and ingredients on held-out data: accuracy, NLL and calibration, or perplexity.
+
+An ``Evaluator`` loads a spec's evaluation splits once per build (safetensors files or a
+factory's batches), checks them against the model's interface, and scores any forward
+function on them in batches, on the blend's device. Scores are plain floats keyed by metric,
+so the store, the gate and Prometheus all read the same numbers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from tureen.core.architecture import outputs_by_name
+from tureen.core.signature import Signature
+from tureen.errors import EvaluationError, SoupError
+from tureen.spec import HIGHER_IS_BETTER, EvalSet, Evaluation
+
+ECE_BINS = 15
+Scores = dict[str, float]
+Forward = Callable[[Mapping[str, torch.Tensor]], Any]
+"""Runs the model on a batch of prepared inputs (on the device) and returns what forward returns."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
+class Evaluator:
+    """The evaluation splits of one spec, loaded and checked, ready to score forwards."""
+
+    def __init__(self, evaluation: Evaluation, signature: Signature, device: torch.device, dtype: torch.dtype) -> None:
+        self.evaluation = evaluation
+        self.signature = signature
+        self.device = device
+        self.dtype = dtype
+        self.output = evaluation.output or next(iter(signature.outputs))
+        if self.output not in signature.outputs:
+            raise EvaluationError(f"evaluation.output: the interface has no output {self.output!r}")
+        self._splits: dict[str, list[Batch]] = {}
+
+    @property
+    def metric(self) -> str:
+        return self.evaluation.deciding_metric
+
+    @property
+    def selected(self) -> str:
+        return self.evaluation.selected
+
+    def batches(self, split: str) -> list[Batch]:
+        """The split's batches on the device (loaded and checked on first use)."""
+        if split not in self._splits:
+            where = f"evaluation.splits.{split}"
+            rows = _read(self.evaluation.splits[split], where)
+            self._splits[split] = [self._to_device(b) for b in self._rebatch(rows, where)]
+        return self._splits[split]
+
+    def score(self, forward: Forward, split: str) -> Scores:
+        """Every metric of the task for ``forward`` on ``split``."""
+        where = f"evaluation.splits.{split}"
+        totals = _Totals()
+        batches = self.batches(split)  # loaded outside inference mode: a learned soup trains on them
+        with torch.inference_mode():
+            for batch in batches:
+                try:
+                    produced = outputs_by_name(forward(batch.inputs), tuple(self.signature.outputs))
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    raise EvaluationError(f"{where}: the model cannot run on this data: {exc}") from None
+                logits = produced.get(self.output)
+                if not isinstance(logits, torch.Tensor):
+                    raise EvaluationError(f"evaluation.output: forward produced no tensor {self.output!r}")
+                if self.evaluation.task == "classification":
+                    totals.add_classification(logits, batch.labels, where)
+                else:
+                    totals.add_tokens(logits, batch.labels, where)
+        return totals.scores(self.evaluation.task)
+
+    def score_all(self, forward: Forward) -> dict[str, Scores]:
+        """Scores on every split, by split name."""
+        return {split: self.score(forward, split) for split in self.evaluation.splits}
+
+    def value(self, scores: Scores) -> float:
+        """The deciding metric of ``scores``, oriented so that higher is better."""
+        value = scores[self.metric]
+        return value if HIGHER_IS_BETTER[self.metric] else -value
+
+    def module_forward(self, module: nn.Module) -> Forward:
+        return lambda inputs: module(**inputs)
+
+    def functional_forward(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> Forward:
+        """Run ``module`` with ``state`` in place of its own tensors (no copy into the module)."""
+        return lambda inputs: torch.func.functional_call(module, dict(state), args=(), kwargs=dict(inputs))
+
+    def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str) -> list[Batch]:
+        names = tuple(self.signature.inputs)
+        label_name = self.evaluation.labels
+        language = self.evaluation.task == "language-modeling"
+        batches: list[Batch] = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise EvaluationError(f"{where}: batch {i} is a {type(row).__name__}, not a mapping of tensors")
+            missing = [n for n in names if n not in row]
+            if missing:
+                raise EvaluationError(
+                    f"{where}: no tensor {missing[0]!r} for the model's input (inputs: {', '.join(names)}; has: {', '.join(row)})"
+                )
+            labels = row.get(label_name)
+            if labels is None and language:
+                labels = row[names[0]]  # a language model predicts its own input ids
+            if labels is None:
+                raise EvaluationError(f"{where}: no {label_name!r} tensor (has: {', '.join(row)})")
+            inputs = {n: row[n] for n in names}
+            rows_in = {t.shape[0] if t.dim() else 0 for t in [*inputs.values(), labels]}
+            if len(rows_in) != 1 or 0 in rows_in:
+                raise EvaluationError(f"{where}: inputs and labels need the same number of rows, got {sorted(rows_in)}")
+            if labels.is_floating_point():
+                raise EvaluationError(f"{where}: {label_name!r} must hold integer class ids, got {labels.dtype}")
+            size = min(self.evaluation.batch_size, self.signature.max_batch_size or labels.shape[0])
+            for start in range(0, labels.shape[0], size):
+                batches.append(Batch({n: t[start : start + size] for n, t in inputs.items()}, labels[start : start + size]))
+            try:
+                self.signature.check_inputs(batches[-1].inputs)
+            except SoupError as exc:  # the interface's own message names the tensor and the shape
+                raise EvaluationError(f"{where}: {exc}") from None
+        if not batches:
+            raise EvaluationError(f"{where}: the evaluation set is empty")
+        return batches
+
+    def _to_device(self, batch: Batch) -> Batch:
+        inputs = {n: (t.to(self.dtype) if t.is_floating_point() else t).to(self.device) for n, t in batch.inputs.items()}
+        return Batch(inputs, batch.labels.to(device=self.device, dtype=torch.int64))
+
+
+class _Totals:
+    """Running sums over batches, so a split of any size is scored in one pass."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.correct = 0
+        self.nll = 0.0
+        self.bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
+        self.bin_confidence = torch.zeros(ECE_BINS, dtype=torch.float64)
+        self.bin_correct = torch.zeros(ECE_BINS, dtype=torch.float64)
+
+    def add_classification(self, logits: torch.Tensor, labels: torch.Tensor, where: str) -> None:
+        if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+            raise EvaluationError(f"{where}: classification wants logits [batch, classes]; got {list(logits.shape)}")
+        classes = logits.shape[1]
+        labels = labels.reshape(-1)
+        if bool(((labels < 0) | (labels >= classes)).any()):
+            bad = int(labels[(labels < 0) | (labels >= classes)][0])
+            raise EvaluationError(f"{where}: labels must lie in [0, {classes}) for {classes} classes; found {bad}")
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        self.nll += float(-log_probs.gather(1, labels[:, None]).sum())
+        confidence, predicted = log_probs.exp().max(dim=-1)
+        correct = predicted == labels
+        self.correct += int(correct.sum())
+        self.count += int(labels.numel())
+        # Equal-width bins over (0, 1]; a confidence of exactly 1 falls in the last bin.
+        index = (confidence.double() * ECE_BINS).ceil().clamp(1, ECE_BINS).long() - 1
+        self.bin_count += torch.bincount(index.cpu(), minlength=ECE_BINS).double()
+        self.bin_confidence += torch.bincount(index.cpu(), weights=confidence.double().cpu(), minlength=ECE_BINS)
+        self.bin_correct += torch.bincount(index.cpu(), weights=correct.double().cpu(), minlength=ECE_BINS)
+
+    def add_tokens(self, logits: torch.Tensor, labels: torch.Tensor, where: str) -> None:
+        if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+            raise EvaluationError(
+                f"{where}: language modeling wants logits [batch, tokens, vocab] and labels [batch, tokens]; "
+                f"got {list(logits.shape)} and {list(labels.shape)}"
+            )
+        vocab = logits.shape[-1]
+        # Position t predicts token t + 1; -100 marks tokens that are not scored (padding).
+        predicted, target = logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1)
+        scored = target != -100
+        if bool(((target[scored] < 0) | (target[scored] >= vocab)).any()):
+            raise EvaluationError(f"{where}: token ids must lie in [0, {vocab}) (or be -100 to skip)")
+        self.nll += float(torch.nn.functional.cross_entropy(predicted[scored], target[scored], reduction="sum"))
+        self.count += int(scored.sum())
+
+    def scores(self, task: str) -> Scores:
+        if self.count == 0:
+            raise EvaluationError("evaluation: no labelled rows or tokens to score")
+        nll = self.nll / self.count
+        if task == "language-modeling":
+            return {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}
+        filled = self.bin_count > 0
+        gaps = (self.bin_confidence[filled] - self.bin_correct[filled]).abs()
+        return {"accuracy": self.correct / self.count, "nll": nll, "ece": float(gaps.sum()) / self.count}
+
+
+def expected_calibration_error(confidence: list[float], correct: list[bool], bins: int = ECE_BINS) -> float:
+    """ECE by its definition, one sample at a time (the reference the batched sums are checked against)."""
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(confidence) if (low < c <= high) or (b == 0 and c == 0.0)]
+        if members:
+            mean_confidence = sum(confidence[i] for i in members) / len(members)
+            accuracy = sum(correct[i] for i in members) / len(members)
+            total += len(members) / len(confidence) * abs(mean_confidence - accuracy)
+    return total
+
+
+def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
+    if source.path is not None:
+        path = Path(source.path)
+        if not path.is_file():
+            raise EvaluationError(f"{where}.path: no such file: {path}")
+        try:
+            return [load_file(str(path))]
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EvaluationError(f"{where}.path: not a readable safetensors file: {exc}") from None
+    module_name, _, attribute = str(source.factory).partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+        return list(factory(**source.kwargs))
+    except (ImportError, AttributeError) as exc:
+        raise EvaluationError(f"{where}.factory: cannot import {source.factory!r}: {exc}") from None
+    except EvaluationError:
+        raise
+    except Exception as exc:  # the factory is the user's code: any failure is reported, not crashed on
+        raise EvaluationError(f"{where}.factory: {source.factory!r} failed: {exc}") from None
