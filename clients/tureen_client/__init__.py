@@ -75,6 +75,7 @@ class SoupClient:
         else:
             self._channel = grpc.insecure_channel(server, options=options)
         self._stub = admin_pb2_grpc.SoupAdminStub(self._channel)
+        self._feedback = admin_pb2_grpc.SoupFeedbackStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
 
@@ -126,6 +127,23 @@ class SoupClient:
     def delete(self, model: str, version: int) -> None:
         self._call(self._stub.DeleteVersion, pb.DeleteVersionRequest(model=model, version=version))
 
+    def promote_canary(self, model: str) -> dict[str, Any]:
+        """End the model's canary by making its version the active one."""
+        return _dict(self._call(self._stub.PromoteCanary, pb.CanaryRequest(model=model)).version)
+
+    def abort_canary(self, model: str) -> dict[str, Any]:
+        """End the model's canary by sending all traffic back to the active version."""
+        return _dict(self._call(self._stub.AbortCanary, pb.CanaryRequest(model=model)).version)
+
+    def feedback(self, model: str, request_id: str, labels: int | list[int]) -> int | None:
+        """Report the true label(s) of an inference request sent with ``request_id``; returns the
+        version that answered it, or None when the server does not know that request id.
+        (With tokens configured, this call takes the inference token, as applications hold.)"""
+        labels = [labels] if isinstance(labels, int) else list(labels)
+        request = pb.FeedbackRequest(model=model, request_id=request_id, labels=labels)
+        reply = self._call(self._feedback.Feedback, request)
+        return int(reply.version) if reply.matched else None
+
     def status(self, model: str = "") -> dict[str, Any]:
         return _dict(self._call(self._stub.GetStatus, pb.GetStatusRequest(model=model)))
 
@@ -161,11 +179,14 @@ def load_document(spec: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str,
         raise SoupClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: not YAML or JSON: {exc}") from None
     if not isinstance(document, dict):
         raise SoupClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: expected a mapping at the top level")
-    for ingredient in document.get("ingredients") or []:
-        if isinstance(ingredient, dict) and isinstance(ingredient.get("path"), str):
-            candidate = Path(ingredient["path"]).expanduser()
+    evaluation = document.get("evaluation")
+    splits = evaluation.get("splits") if isinstance(evaluation, dict) else None
+    files = [*(document.get("ingredients") or []), *(splits.values() if isinstance(splits, dict) else [])]
+    for item in files:
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            candidate = Path(item["path"]).expanduser()
             if not candidate.is_absolute():
-                ingredient["path"] = str((path.parent / candidate).resolve())
+                item["path"] = str((path.parent / candidate).resolve())
     return document
 
 
