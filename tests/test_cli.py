@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
+from tureen_client import SoupClient
 from safetensors.torch import load_file, save_file
 
 from helpers import digits_spec, hand_average, serve_process, write_ingredients, write_spec
@@ -113,9 +114,12 @@ def test_the_demo_trains_once_then_serves_a_real_soup_from_its_cache(tmp_path: P
         with serve_process(["--demo", "--demo-dir", str(demo_dir)], timeout=60) as (_process, grpc_port, _metrics, lines):
             log = "".join(lines)
             assert ("first run, training" in log) == (run == "first"), run
-            for name in ("base", "ft-lr1e-3-s1", "ft-lr1e-3-s5"):
-                assert re.search(rf"held-out test accuracy of {name} +0\.\d{{4}}", log), name
-            assert re.search(r"held-out test accuracy of the uniform soup \(version 1\) 0\.\d{4}", log)
+            for name in ("ft-lr1e-3-s1", "ft-lr1e-3-s5"):
+                assert re.search(rf"ingredient {name} +0\.\d{{4}}  1\n", log), name
+            assert re.search(r"uniform soup \(version 1\) +0\.\d{4}  1\n", log)
+            assert re.search(r"greedy soup \(version 2\) +0\.\d{4}  1\n", log)
+            assert re.search(r"ensemble of 5 ingredients +0\.\d{4}  5\n", log)
+            assert re.search(r"the greedy soup (beats|matches|does not beat) the best single fine-tune", log)
             assert f'InferenceServerClient("127.0.0.1:{grpc_port}")' in log  # how to call it
 
             pixels, labels = load_split(demo_dir, "test")
@@ -124,6 +128,9 @@ def test_the_demo_trains_once_then_serves_a_real_soup_from_its_cache(tmp_path: P
                 tensor.set_data_from_numpy(pixels.numpy())
                 predicted = client.infer("digits", [tensor]).as_numpy("logits").argmax(axis=1)
             assert float(np.mean(predicted == labels.numpy())) > 0.9
+            with SoupClient(f"127.0.0.1:{grpc_port}") as soups:  # the cached run finds the store's version 2 active
+                shown = {int(v["version"]): v["state"] for v in soups.versions("digits")}
+            assert shown == {1: "retired", 2: "active"}, shown
 
 
 def test_a_broken_demo_cache_is_rebuilt(tmp_path: Path) -> None:

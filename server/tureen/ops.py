@@ -1,4 +1,4 @@
-"""The operator commands: push, versions, activate, rollback, delete, status, spec show.
+"""The operator commands: push, versions, activate, rollback, delete, status, canary, spec show.
 
 They talk to a running server through ``tureen_client`` (the library in ``clients/``). Output is
 a human table by default and JSON with ``--json``; a push that waits shows a progress bar on
@@ -64,6 +64,10 @@ def add_commands(commands: Any, spec_commands: Any) -> None:
     status.add_argument("model", nargs="?", default="")
     status.add_argument("--watch", action="store_true", help="print again on every change until Ctrl-C")
     _client_options(status)
+    canary = commands.add_parser("canary", help="end a model's canary by hand: promote it, or abort it")
+    canary.add_argument("action", choices=("promote", "abort"))
+    canary.add_argument("model")
+    _client_options(canary)
     show = spec_commands.add_parser("show", help="print a model's active spec, or a given version's")
     show.add_argument("model")
     show.add_argument("version", type=int, nargs="?", default=0)
@@ -102,7 +106,7 @@ def _push(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info))
         else:
-            what = "serving" if info["state"] == "active" else info["state"]
+            what = {"active": "serving", "canary": "serving as a canary"}.get(info["state"], info["state"])
             print(f"{info['model']} version {info['version']}: {what}")
     return 0 if info["state"] != "failed" else 1
 
@@ -111,15 +115,17 @@ def _follow(client: SoupClient, info: dict[str, Any], *, activate: bool, quiet: 
     """Wait for the pushed version to build (and activate); draw a progress bar after a moment."""
     model, version = info["model"], int(info["version"])
     started = time.monotonic()
-    done = {"active"} if activate else {"ready", "active"}
+    done = {"active", "canary"} if activate else {"ready", "active"}
     drawn = False
     for status in client.watch(model):
         current = next((v for v in client.versions(model) if int(v["version"]) == version), info)
-        if current["state"] in done or current["state"] == "failed":
+        if current["state"] in done or current["state"] in ("failed", "rejected"):
             if drawn:
                 print(file=sys.stderr)
             if current["state"] == "failed":
                 raise SoupClientError(_failed(), f"{model} version {version} failed to build: {current['reason']}")
+            if current["state"] == "rejected":
+                raise SoupClientError(_failed(), f"{model} version {version} was not activated: {current['reason']}")
             return current
         building = next((m.get("building") for m in status["models"] if m["model"] == model), None)
         if not quiet and building and int(building.get("version", 0)) == version and time.monotonic() - started > 0.5:
@@ -144,13 +150,51 @@ def _versions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    table = [["VERSION", "STATE", "PUSHED BY", "PUSHED AT", "BUILD", "REASON"]]
+    table = [["VERSION", "STATE", "PUSHED BY", "PUSHED AT", "BUILD", "HELD-OUT", "REASON"]]
     for row in rows:
         build = f"{float(row['build_seconds']):.2f} s" if float(row.get("build_seconds") or 0) else "-"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row["pushed_at"])))
-        table.append([str(row["version"]), row["state"], row["pushed_by"], when, build, row.get("reason", "")[:60]])
+        held_out = _scores(row.get("evaluation") or {}) or "-"
+        table.append([str(row["version"]), row["state"], row["pushed_by"], when, build, held_out, row.get("reason", "")[:90]])
     _print_table(table)
+    scored = [row for row in rows if row.get("ingredient_evaluation")]
+    if scored:
+        latest = scored[-1]
+        print(f"\ningredients alone (scored by version {latest['version']}):")
+        ingredients = [["INGREDIENT", "HELD-OUT"]]
+        ingredients += [[i["ingredient"], _scores(i.get("splits") or {})] for i in latest["ingredient_evaluation"]]
+        _print_table(ingredients)
+    for row in rows:
+        if row.get("resolution_json"):
+            print(f"version {row['version']}: {_search_summary(json.loads(row['resolution_json']))}")
     return 0
+
+
+def _scores(by_split: dict[str, Any]) -> str:
+    """``val accuracy 0.9777 · test accuracy 0.9722``: the first metric (the task's main one) per split."""
+    parts = []
+    for split, scores in by_split.items():
+        metrics = scores.get("metrics", scores)
+        name = "accuracy" if "accuracy" in metrics else "perplexity" if "perplexity" in metrics else next(iter(metrics), "")
+        if name:
+            parts.append(f"{split} {name} {float(metrics[name]):.4f}")
+    return " · ".join(parts)
+
+
+def _search_summary(resolution: dict[str, Any]) -> str:
+    log = resolution.get("log", {})
+    weights = resolution.get("merge", {}).get("weights", {})
+    kind, metric, split = log.get("search", "?"), log.get("metric", "?"), log.get("split", "?")
+    if kind == "greedy":
+        kept = [name for name, w in weights.items() if w]
+        return f"greedy soup on {split!r} by {metric}: kept {', '.join(kept)} (tried in order {', '.join(log.get('order', []))})"
+    if kind == "grid":
+        tried = log.get("tried", [])
+        chosen = resolution.get("merge", {}).get("parameters", {})
+        picked = {name: chosen.get(name) for name in (tried[0]["parameters"] if tried else {})}
+        return f"grid search on {split!r} by {metric}: {len(tried)} points, kept {picked} ({metric} {log.get('best')})"
+    shown = ", ".join(f"{name} {float(w):.3f}" for name, w in weights.items())
+    return f"{kind} soup on {split!r} by {metric}: weights {shown}"
 
 
 def _activate(args: argparse.Namespace) -> int:
@@ -174,6 +218,18 @@ def _delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _canary(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.promote_canary(args.model) if args.action == "promote" else client.abort_canary(args.model)
+    if args.json:
+        print(json.dumps(info))
+    elif args.action == "promote":
+        print(f"{info['model']} version {info['version']}: serving (canary promoted)")
+    else:
+        print(f"{info['model']} version {info['version']}: canary aborted, all traffic back on the active version")
+    return 0
+
+
 def _report(args: argparse.Namespace, info: dict[str, Any]) -> int:
     print(json.dumps(info) if args.json else f"{info['model']} version {info['version']}: serving")
     return 0
@@ -193,14 +249,24 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(status), flush=True)
         return
-    table = [["MODEL", "ACTIVE", "BUILDING", "RESIDENT", "MEMORY"]]
+    table = [["MODEL", "ACTIVE", "CANARY", "BUILDING", "RESIDENT", "MEMORY", "ONLINE ACCURACY"]]
     for model in status["models"]:
         building = model.get("building")
-        progress = f"v{building['version']} {float(building['fraction']):.0%} {building['stage']}" if building else "-"
+        progress = f"v{building['version']} {float(building['fraction']):.0%} {building['stage'][:50]}" if building else "-"
         resident = ",".join(str(v) for v in model["resident_versions"]) or "-"
         memory = (int(model["active_bytes"]) + int(model["resident_bytes"])) / 1e6
-        table.append([model["model"], str(model["active_version"] or "-"), progress, resident, f"{memory:.1f} MB"])
+        canary = int(model.get("canary_version") or 0)
+        canary_cell = f"v{canary} {float(model['canary_percent']):g}%" if canary else "-"
+        online = model.get("online") or {}
+        online_cell = " · ".join(
+            f"v{v} {float(o['accuracy']):.4f} ({int(o['samples'])})" for v, o in sorted(online.items()) if int(o["samples"])
+        )
+        row = [model["model"], str(model["active_version"] or "-"), canary_cell, progress, resident, f"{memory:.1f} MB"]
+        table.append([*row, online_cell or "-"])
     _print_table(table)
+    for model in status["models"]:
+        if model.get("canary_note"):
+            print(f"{model['model']} canary: {model['canary_note']}")
     print(f"device {status['device']}, ingredients {int(status['ingredient_bytes']) / 1e6:.1f} MB", flush=True)
 
 
@@ -230,4 +296,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rollback": _rollback,
     "delete": _delete,
     "status": _status,
+    "canary": _canary,
 }
