@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
-from tureen_client import SoupClient
 from safetensors.torch import load_file, save_file
+from tureen_client import SoupClient
 
 from helpers import digits_spec, hand_average, serve_process, write_ingredients, write_spec
 from tureen.demo.train import load_split

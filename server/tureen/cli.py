@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
     _kernels_option(merge)
 
+    profile = commands.add_parser("profile", help="how far apart a soup's ingredients lie, and what lies between them")
+    profile.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON); sweep and calibration need its evaluation")
+    profile.add_argument("--plot", metavar="OUT.png", help="where to write the plot (default: MODEL-profile.png here)")
+    profile.add_argument("--between", nargs=2, metavar=("A", "B"), help="sweep between these ingredients (default: base to soup)")
+    profile.add_argument("--points", type=_positive, default=11, metavar="N", help="points of the sweep (default: 11)")
+    profile.add_argument("--split", metavar="NAME", help="the split the sweep scores (default: the evaluation's select)")
+    profile.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    profile.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     spec = commands.add_parser("spec", help="work with soup specs")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True, metavar="SPEC_COMMAND")
     convert = spec_commands.add_parser("from-mergekit", help="convert a mergekit config (the 'models' form) into a Tureen spec")
@@ -147,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        commands = {"serve": _serve, "merge": _merge, "spec": _spec, **ops.COMMANDS}
+        commands = {"serve": _serve, "merge": _merge, "profile": _profile, "spec": _spec, **ops.COMMANDS}
         return int(commands[args.command](args))
     except ops.SoupClientError as exc:
         print(f"tureen: error: {exc} ({exc.code.name})", file=sys.stderr)
@@ -223,7 +232,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         blends = app.build_all()
         if demo_dir is not None:
-            _report_demo(blends, demo_dir)
+            from tureen.demo.report import finish
+
+            finish(app.controller, demo_dir)
             host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
             print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port), file=sys.stderr)
         _log.info("ready: %d model(s) serving; Ctrl-C or SIGTERM stops", len(blends))
@@ -232,16 +243,6 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         app.stop()
     return 0
-
-
-def _report_demo(blends: list, demo_dir: Path) -> None:
-    from tureen.demo import train
-
-    pixels, labels = train.load_split(demo_dir, "test")
-    for blend in blends:
-        if blend.model == "digits":
-            score = train.accuracy(blend.module, pixels.to(blend.device), labels)
-            _log.info("demo: held-out test accuracy of the uniform soup (version %d) %.4f", blend.version, score)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -283,6 +284,33 @@ def _merge(args: argparse.Namespace) -> int:
             f"{args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
             f"{spec.dtype}, {summary['seconds']} s"
         )
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from tureen.core.devices import resolve_device
+    from tureen.plots import PlotUnavailable, plot_profile
+    from tureen.profile import profile, render
+    from tureen.spec import load_spec
+
+    spec = load_spec(args.spec)
+    output = Path(args.plot or f"{spec.model}-profile.png")
+    if not output.parent.is_dir():
+        raise SoupError(f"--plot: folder {output.parent} does not exist")
+    result = profile(spec, resolve_device(args.device), tuple(args.between) if args.between else None, args.points, args.split)
+    if not args.json:
+        print(render(result))
+    written: Path | None = None
+    try:
+        written = plot_profile(result, output)
+    except PlotUnavailable as exc:
+        if args.plot:  # asked for by name: not having it is an error; by default the tables are enough
+            raise
+        print(f"tureen: note: no plot: {exc}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**result.document(), "plot": str(written) if written else None}))
+    elif written is not None:
+        print(f"\nplot written to {written}")
     return 0
 
 

@@ -434,6 +434,9 @@ class Controller:
         requested = time.perf_counter()
         current = self.repository.models().get(model)
         blend = current if current is not None and current.version == version else None
+        route = self.repository.canary(model)
+        if blend is None and route is not None and route.blend.version == version:
+            blend = route.blend  # promoting the canary: already built, warmed up and serving a share
         if blend is None:
             blend = self.residency.get(model, version) or self._build(self.store.get(model, version))
         with self._model_lock(model):

@@ -54,9 +54,20 @@ class Kitchen:
         return loaded
 
     def merge(self, spec: SoupSpec) -> dict[str, torch.Tensor]:
-        """The merged state dict alone, checked across ingredients only (no architecture needed)."""
+        """The merged state dict alone, checked across ingredients only (no architecture needed,
+        except by a searched recipe, which runs the model on its evaluation data)."""
         ingredients = self.load(spec)
         check_compatible(spec, ingredients)
+        if needs_search(spec):
+            if spec.architecture is None or spec.evaluation is None:
+                raise SpecInvalid([f"architecture: merge.method {spec.merge.method!r} runs the model; give an architecture"])
+            skeleton = instantiate(spec.architecture, "meta")
+            signature = Signature(interface_of(spec, skeleton))
+            evaluator = Evaluator(spec.evaluation, signature, self.pool.device, BLEND_DTYPES[spec.dtype])
+            found = search(
+                spec, ingredients, probe_module(spec.architecture, self.pool.device), evaluator, _stage(None, 0.0, 1.0)
+            )
+            spec = resolved_spec(spec, found.merge)
         return mix(spec, ingredients, kernels=self.kernels)
 
     def build(
@@ -95,7 +106,7 @@ class Kitchen:
         if needs_search(spec):
             assert evaluator is not None  # the spec requires an evaluation section for a search
             if resolution is None:
-                found = search(spec, ingredients, _probe(spec.architecture, device), evaluator, _stage(progress, 0.6, 0.2))
+                found = search(spec, ingredients, probe_module(spec.architecture, device), evaluator, _stage(progress, 0.6, 0.2))
                 resolution = {"merge": found.merge, "log": found.log}
             recipe = resolved_spec(spec, resolution["merge"])
         if progress is not None:
@@ -148,7 +159,7 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
     scores = evaluator.score_all(evaluator.module_forward(blend.module))
     alone: dict[str, dict[str, Scores]] = {}
     if evaluator.evaluation.ingredients:
-        probe = _probe(spec.architecture, blend.device)  # type: ignore[arg-type]
+        probe = probe_module(spec.architecture, blend.device)  # type: ignore[arg-type]
         for ref in spec.ingredients:
             tensors = ingredients[ref.name].tensors
             state = {k: t.to(blend.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
@@ -164,7 +175,7 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
     return replace(blend, evaluation=scores, ingredient_evaluation=alone)
 
 
-def _probe(arch: Architecture, device: torch.device) -> nn.Module:
+def probe_module(arch: Architecture, device: torch.device) -> nn.Module:
     """A module to run functionally with other weights: free on the meta device unless it keeps
     buffers outside its state dict, which the supplied weights would not cover."""
     skeleton = instantiate(arch, "meta")

@@ -193,7 +193,8 @@ def _learned_merge(
     names: list[str], layers: list[str], weights: torch.Tensor, per_layer: bool, top_level: list[str]
 ) -> dict[str, Any]:
     """Learned weights as a linear merge: per layer through overrides, one per (layer, ingredient)."""
-    rows = weights.double().tolist()
+    exact = weights.double()
+    rows = (exact / exact.sum(dim=-1, keepdim=True)).tolist()  # float32's softmax sums to 1 only within 1e-7
     merge: dict[str, Any] = {"method": "linear", "parameters": {"normalize": False}}
     merge["weights"] = {n: float(w) for n, w in zip(names, rows[0], strict=True)}
     if per_layer:
