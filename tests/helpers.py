@@ -182,3 +182,92 @@ def sample(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
+
+
+# ---- held-out data, and ingredients whose accuracy on it is known (evaluation and rollout tests) ----
+
+
+def prototypes(seed: int = 0) -> torch.Tensor:
+    """Ten class prototypes in [0, 1]^64 (a pixel row is 16 times a point near one of them)."""
+    return torch.rand(10, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def prototype_rows(centers: torch.Tensor, rows: int, seed: int, spread: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels [rows, 64] FP32, labels [rows] INT64): each row is its class's prototype plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (rows,), generator=generator)
+    pixels = 16 * (centers[labels] + spread * torch.randn(rows, 64, generator=generator))
+    return pixels.float(), labels
+
+
+def prototype_state(
+    centers: torch.Tensor, hidden: int = 16, sharpness: float = 4.0, shift: float = 50.0
+) -> dict[str, torch.Tensor]:
+    """DigitsMLP weights, built by hand, that pick the nearest prototype: class c's logit is
+    ``sharpness * (q_c . z - |q_c|^2 / 2)`` (``shift`` keeps the hidden units above the ReLUs)."""
+    w0, b0 = torch.zeros(hidden, 64), torch.zeros(hidden)
+    w0[:10], b0[:10] = sharpness * centers, shift - sharpness * (centers * centers).sum(1) / 2
+    w2, w4 = torch.zeros(hidden, hidden), torch.zeros(10, hidden)
+    w2[:10, :10], w4[:, :10] = torch.eye(10), torch.eye(10)
+    return {
+        "net.0.weight": w0,
+        "net.0.bias": b0,
+        "net.2.weight": w2,
+        "net.2.bias": torch.zeros(hidden),
+        "net.4.weight": w4,
+        "net.4.bias": torch.full((10,), -shift),
+    }
+
+
+def mlp_logits(state: Mapping[str, torch.Tensor], pixels: torch.Tensor, hidden: int = 16) -> torch.Tensor:
+    """A plain float32 DigitsMLP forward with ``state`` (float64 states are cast first)."""
+    module = DigitsMLP(hidden=hidden)
+    module.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.inference_mode():
+        return module(pixels.float())["logits"]
+
+
+def accuracy(state: Mapping[str, torch.Tensor], pixels: torch.Tensor, labels: torch.Tensor, hidden: int = 16) -> float:
+    return float((mlp_logits(state, pixels, hidden).argmax(dim=-1) == labels).double().mean())
+
+
+def split_batches(path: str, parts: int = 1) -> list[dict[str, torch.Tensor]]:
+    """An evaluation-split factory (``helpers:split_batches``): a safetensors file's rows in ``parts`` batches."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    rows = next(iter(tensors.values())).shape[0]
+    size = -(-rows // parts) if parts else rows
+    return [{k: v[start : start + size] for k, v in tensors.items()} for start in range(0, rows, size)][:parts]
+
+
+class ScaledHead(torch.nn.Module):
+    """A module with a tensor of its own beside a child module's: ``head.scale`` and ``head.proj.*``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(10))
+        self.proj = torch.nn.Linear(64, 10)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.proj(z) * self.scale
+
+
+class NestedClassifier(torch.nn.Module):
+    """The digits interface over a nested head (``helpers:nested``)."""
+
+    tureen_interface = {
+        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = ScaledHead()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(pixels / 16.0)}
+
+
+def nested() -> NestedClassifier:
+    return NestedClassifier()

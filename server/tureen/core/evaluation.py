@@ -122,6 +122,8 @@ class Evaluator:
                 raise EvaluationError(f"{where}: no {label_name!r} tensor (has: {', '.join(row)})")
             inputs = {n: row[n] for n in names}
             rows_in = {t.shape[0] if t.dim() else 0 for t in [*inputs.values(), labels]}
+            if rows_in == {0}:
+                continue  # an empty batch adds nothing; a split with no rows at all is reported below
             if len(rows_in) != 1 or 0 in rows_in:
                 raise EvaluationError(f"{where}: inputs and labels need the same number of rows, got {sorted(rows_in)}")
             if labels.is_floating_point():

@@ -89,9 +89,10 @@ class OnlineAccuracy:
         """Score the prediction made for ``request_id``; None when it is unknown (or forgotten)
         or the labels do not match its rows. Each prediction is scored once."""
         with self._lock:
-            prediction = self._predictions.pop((model, request_id), None)
+            prediction = self._predictions.get((model, request_id))
             if prediction is None or len(labels) != len(prediction.classes):
-                return None
+                return None  # a wrong number of labels leaves the prediction for a corrected retry
+            del self._predictions[(model, request_id)]
             key = (model, prediction.version)
             rolling = self._rolling.setdefault(key, deque(maxlen=self._window))
             totals = self._totals.setdefault(key, [0, 0])

@@ -199,10 +199,13 @@ def _learned_merge(
     merge["weights"] = {n: float(w) for n, w in zip(names, rows[0], strict=True)}
     if per_layer:
         # A layer is a module prefix; top-level tensors (no prefix) are matched by their own names.
+        # The first matching override wins and `head.*` also matches `head.proj.weight`, so deeper
+        # layers are listed first.
+        deepest_first = sorted(range(len(layers)), key=lambda i: (-layers[i].count(".") - bool(layers[i]), layers[i]))
         merge["overrides"] = [
             {"match": pattern, "ingredient": name, "parameters": {"weight": float(rows[i][j])}}
-            for i, layer in enumerate(layers)
-            for pattern in ([f"{layer}.*"] if layer else top_level)
+            for i in deepest_first
+            for pattern in ([f"{layers[i]}.*"] if layers[i] else top_level)
             for j, name in enumerate(names)
         ]
     return merge
