@@ -173,7 +173,7 @@ def _versions(args: argparse.Namespace) -> int:
 def _scores(by_split: dict[str, Any]) -> str:
     """``val accuracy 0.9777 · test accuracy 0.9722``: the first metric (the task's main one) per split."""
     parts = []
-    for split, scores in by_split.items():
+    for split, scores in sorted(by_split.items()):  # maps keep no order over the wire
         metrics = scores.get("metrics", scores)
         name = "accuracy" if "accuracy" in metrics else "perplexity" if "perplexity" in metrics else next(iter(metrics), "")
         if name:
