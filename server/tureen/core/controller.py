@@ -21,13 +21,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tureen.core.blends import Blend, BlendRepository, CanaryRoute
+from tureen.core.blends import Blend, BlendRepository
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import Observer
 from tureen.core.residency import Residency
-from tureen.core.rollout import OnlineAccuracy, check_gate, decide
+from tureen.core.rollout import OnlineAccuracy
+from tureen.core.rollout_control import RolloutControl
 from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import GateRejected, IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
+from tureen.errors import IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -60,7 +61,7 @@ class ModelStatus:
     canary_note: str = ""
 
 
-class Controller:
+class Controller(RolloutControl):
     """Pushes, builds, activates and rolls back spec versions; keeps replicas in step."""
 
     def __init__(
@@ -310,96 +311,6 @@ class Controller:
         self._bump()
         return blend
 
-    def _gate(self, stored: StoredVersion, blend: Blend, active: Blend | None) -> None:
-        """Refuse a candidate the rollout gate finds worse; it is stored as rejected, with both numbers."""
-        try:
-            line = check_gate(
-                stored.spec, blend.version, blend.evaluation, (active.version, active.evaluation) if active else None
-            )
-        except GateRejected as exc:
-            _log.warning("model %s: version %d: %s", stored.model, stored.version, exc)
-            self._observer.build_failed(stored.model, exc.reason)
-            self.store.record(self.store.get(stored.model, stored.version), "rejected", reason=str(exc))
-            self._bump()
-            raise
-        _log.info("model %s: version %d: %s", stored.model, stored.version, line)
-
-    # ---- canaries ----------------------------------------------------------------------------
-
-    def _start_canary(self, model: str, blend: Blend, by: str, write_pointer: bool = True) -> Blend:
-        canary = blend.spec.rollout.canary  # type: ignore[union-attr]
-        assert canary is not None
-        with self._model_lock(model):
-            active = self.repository.models().get(model)
-            replaced = self.repository.start_canary(CanaryRoute(blend, canary.percent, canary.sticky))
-            del replaced  # a canary pushed over another ends the first
-            self.online.restart(model, blend.version)
-            if active is not None:
-                self.online.restart(model, active.version)
-            self._canary_notes[model] = f"started: {canary.percent:g}% of traffic"
-            if write_pointer:
-                pointer = self.store.pointer(model)
-                if pointer is not None:
-                    self.store.point(model, replace(pointer, canary=blend.version, by=by, at=time.time()))
-        self._observer.canary_changed(model, blend.version, canary.percent)
-        _log.info("model %s: version %d is a canary taking %g%% of traffic", model, blend.version, canary.percent)
-        self._bump()
-        return blend
-
-    def promote_canary(self, model: str, by: str, why: str = "by hand") -> StoredVersion:
-        """The canary becomes the active version (one swap); the old active one is kept for rollback."""
-        route = self.repository.canary(model)
-        if route is None:
-            raise VersionConflict(f"model {model!r} has no canary to promote")
-        self._activate(model, route.blend.version, by=by, write_pointer=True)
-        self._canary_notes[model] = f"promoted ({why})"
-        self._observer.canary_decided(model, route.blend.version, "promoted")
-        _log.info("model %s: canary version %d promoted (%s)", model, route.blend.version, why)
-        return self.store.get(model, route.blend.version)
-
-    def abort_canary(self, model: str, by: str, why: str = "by hand", reject: bool = False) -> StoredVersion:
-        """All traffic back to the active version; an automatic rollback marks the canary rejected."""
-        with self._model_lock(model):
-            route = self.repository.end_canary(model)
-            if route is None:
-                raise VersionConflict(f"model {model!r} has no canary to abort")
-            version = route.blend.version
-            pointer = self.store.pointer(model)
-            if pointer is not None and pointer.canary:
-                self.store.point(model, replace(pointer, canary=0, by=by, at=time.time()))
-            if reject:
-                self.store.record(self.store.get(model, version), "rejected", reason=f"canary rolled back: {why}")
-            self._canary_notes[model] = f"rolled back ({why})"
-        self._observer.canary_changed(model, 0, 0.0)
-        self._observer.canary_decided(model, version, "rolled_back")
-        _log.warning("model %s: canary version %d rolled back (%s)", model, version, why)
-        self._bump()
-        return self.store.get(model, version)
-
-    def feedback(self, model: str, request_id: str, labels: list[int]) -> int | None:
-        """Score the version that answered ``request_id``; decide the canary when it has enough.
-        Returns that version, or None for an unknown request id (counted, never an error)."""
-        prediction = self.online.labelled(model, request_id, labels)
-        if prediction is None:
-            self._observer.feedback_ignored(model if model in self.repository.models() else "")
-            return None
-        accuracy, samples = self.online.rolling(model, prediction.version)
-        self._observer.online_accuracy(model, prediction.version, accuracy, samples)
-        route, active = self.repository.canary(model), self.repository.models().get(model)
-        if route is not None and active is not None and route.blend.spec.rollout is not None:
-            canary = route.blend.spec.rollout.canary
-            assert canary is not None
-            verdict = decide(canary, self.online.totals(model, route.blend.version), self.online.totals(model, active.version))
-            self._canary_notes[model] = verdict.line
-            try:
-                if verdict.decision == "promote":
-                    self.promote_canary(model, by="canary", why=verdict.line)
-                elif verdict.decision == "rollback":
-                    self.abort_canary(model, by="canary", why=verdict.line, reject=True)
-            except VersionConflict:
-                pass  # decided by another feedback call a moment ago
-        return prediction.version
-
     def _replace_in_place(self, stored: StoredVersion, by: str) -> Blend:
         """Give up the serving blend (and the kept ones) first, then build: the model pauses
         (UNAVAILABLE) instead of needing room for two blends. A failed build brings the previous
@@ -560,26 +471,6 @@ class Controller:
             except SoupError as exc:
                 self._given_up[model] = pointer.version
                 _log.error("model %s: cannot follow version %d: %s", model, pointer.version, exc)
-
-    def _follow_canary(self, model: str, pointer: Pointer) -> None:
-        """Start or end the canary the store names, as another replica (or a restart) left it."""
-        route = self.repository.canary(model)
-        local = route.blend.version if route is not None else 0
-        if pointer.canary == local or self._given_up.get(model) == -pointer.canary:
-            return
-        if pointer.canary == 0:
-            self.repository.end_canary(model)
-            self._observer.canary_changed(model, 0, 0.0)
-            self._bump()
-            return
-        try:
-            stored = self.store.get(model, pointer.canary)
-            if stored.spec.rollout is None or stored.spec.rollout.canary is None:
-                raise VersionConflict(f"version {pointer.canary} has no rollout.canary section")
-            self._start_canary(model, self._build(stored), by="", write_pointer=False)
-        except SoupError as exc:
-            self._given_up[model] = -pointer.canary
-            _log.error("model %s: cannot follow canary version %d: %s", model, pointer.canary, exc)
 
     def _model_lock(self, model: str) -> threading.Lock:
         with self._lock:
