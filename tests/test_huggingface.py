@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from safetensors.torch import save_file
+from tureen_client import SoupClient
 
-from helpers import running_app, write_spec
+from helpers import running_app, sample, scrape, write_spec
 from tureen.spec import load_spec
 
 transformers = pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
@@ -85,3 +89,52 @@ def test_a_huggingface_architecture_needs_a_config(tmp_path: Path) -> None:
         pytest.raises(Exception, match=r"architecture.huggingface: .*empty has no config.json"),
     ):
         app.build_all()
+
+
+def test_a_language_model_soup_is_scored_by_perplexity_and_a_greedy_search_minimizes_it(tmp_path: Path) -> None:
+    config = tiny_llama(False)
+    states = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp_path / f"ft-{seed}")
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 64, (6, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[4:, 6:] = 0  # two padded rows: their last tokens are not scored
+    labels = ids.masked_fill(mask == 0, -100)
+    save_file({"input_ids": ids, "attention_mask": mask, "labels": labels}, str(tmp_path / "held-out.safetensors"))
+    document = {
+        "apiVersion": "tureen/v1",
+        "model": "tiny-llama",
+        "architecture": {"huggingface": "ft-0", "task": "causal-lm"},
+        "ingredients": [{"name": f"ft-{i}", "path": f"ft-{i}"} for i in range(3)],
+        "merge": {"method": "greedy"},
+        "evaluation": {"task": "language-modeling", "splits": {"held-out": {"path": "held-out.safetensors"}}},
+    }
+    spec = load_spec(write_spec(tmp_path, document))
+
+    def perplexity(state: dict[str, torch.Tensor]) -> float:
+        """Hugging Face's own shifted token loss, averaged over the scored tokens."""
+        reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+        reference.load_state_dict(state)
+        with torch.inference_mode():
+            return math.exp(float(reference(input_ids=ids, attention_mask=mask, labels=labels).loss))
+
+    alone = {f"ft-{i}": perplexity(s) for i, s in enumerate(states)}
+    with running_app([spec]) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
+        info = soups.versions("tiny-llama")[0]
+        page = scrape(app)
+    resolution = json.loads(info["resolution_json"])
+    kept = [name for name, weight in resolution["merge"]["weights"].items() if weight]
+    assert resolution["log"]["order"][0] == min(alone, key=alone.__getitem__)  # lowest perplexity first
+    soup = {k: sum(states[int(n[3:])][k].double() for n in kept).float() / len(kept) for k in states[0]}
+    served = info["evaluation"]["held-out"]["metrics"]["perplexity"]
+    assert served == pytest.approx(perplexity(soup), rel=1e-4)
+    assert served <= min(alone.values()) * (1 + 1e-6)  # greedy never keeps a step that raises it
+    for name, value in alone.items():
+        scored = next(i for i in info["ingredient_evaluation"] if i["ingredient"] == name)
+        assert scored["splits"]["held-out"]["metrics"]["perplexity"] == pytest.approx(value, rel=1e-4)
+    gauge = sample(page, "tureen_eval_perplexity", model="tiny-llama", version="1", split="held-out")
+    assert gauge == pytest.approx(served)
