@@ -116,3 +116,28 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> N
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("tureen: error:")]
     assert len(lines) == 1 and f"--store {store}: not a writable directory" in lines[0], result.stderr
+
+
+def test_a_canary_started_on_one_replica_routes_on_the_others_and_survives_a_restart(tmp_path: Path) -> None:
+    write_ingredients(tmp_path, 2)
+    first = write_spec(tmp_path, digits_spec(NAMES), "v1.yaml")
+    everyone = {"rollout": {"canary": {"percent": 100}}}  # all unversioned traffic: routing is then certain
+    canary = write_spec(tmp_path, digits_spec(NAMES, merge={"weights": {"ft-0": 3.0, "ft-1": 1.0}}, **everyone), "v2.yaml")
+    store = str(tmp_path / "store")
+    args = ["--spec", str(first), "--store", store, "--store-poll-seconds", "0.2"]
+    with contextlib.ExitStack() as stack:
+        ports = [stack.enter_context(serve_process(args))[1] for _ in range(2)]
+        with SoupClient(f"127.0.0.1:{ports[0]}") as soups:
+            assert soups.push(canary, wait=True)["version"] == "2"
+        for port in ports:
+            wait_for_version(port, 2)
+        with SoupClient(f"127.0.0.1:{ports[1]}") as soups:
+            status = soups.status("digits")["models"][0]
+            assert (status["active_version"], status["canary_version"]) == ("1", "2")
+    # Both gone; a fresh process on the same store routes to the canary again, until it is aborted.
+    with serve_process(args) as (_process, port, _, _):
+        assert version_served(port) == 2
+        with SoupClient(f"127.0.0.1:{port}") as soups:
+            soups.abort_canary("digits")
+            assert {v["version"]: v["state"] for v in soups.versions("digits")} == {"1": "active", "2": "ready"}
+        assert version_served(port) == 1
