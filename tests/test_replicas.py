@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +17,25 @@ from helpers import digits_spec, serve_process, write_ingredients, write_spec
 NAMES = ["ft-0", "ft-1"]
 
 
-def version_served(port: int) -> int:
+def version_served(port: int, user: str | None = None) -> int:
+    """The version answering a request (sent with parameter ``user`` when given)."""
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     try:
         tensor = grpcclient.InferInput("pixels", [1, 64], "FP32")
         tensor.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
-        return int(client.infer("digits", [tensor]).get_response().model_version)
+        parameters = {"user": user} if user is not None else None
+        return int(client.infer("digits", [tensor], parameters=parameters).get_response().model_version)
     finally:
         client.close()
 
 
-def wait_for_version(port: int, version: int, timeout: float = 20.0) -> float:
+def wait_for_version(port: int, version: int, timeout: float = 20.0, user: str | None = None) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        if version_served(port) == version:
+        if version_served(port, user) == version:
             return time.monotonic() - started
         time.sleep(0.05)
-    raise AssertionError(f"port {port} still serves version {version_served(port)}, not {version}")
+    raise AssertionError(f"port {port} still serves version {version_served(port, user)}, not {version}")
 
 
 def test_three_replicas_sharing_a_store_converge_on_a_push_to_one(tmp_path: Path) -> None:
@@ -121,8 +124,11 @@ def test_a_store_that_cannot_be_written_is_a_one_line_error(tmp_path: Path) -> N
 def test_a_canary_started_on_one_replica_routes_on_the_others_and_survives_a_restart(tmp_path: Path) -> None:
     write_ingredients(tmp_path, 2)
     first = write_spec(tmp_path, digits_spec(NAMES), "v1.yaml")
-    everyone = {"rollout": {"canary": {"percent": 100}}}  # all unversioned traffic: routing is then certain
-    canary = write_spec(tmp_path, digits_spec(NAMES, merge={"weights": {"ft-0": 3.0, "ft-1": 1.0}}, **everyone), "v2.yaml")
+    sticky = {"rollout": {"canary": {"percent": 50, "sticky": "user"}}}
+    canary = write_spec(tmp_path, digits_spec(NAMES, merge={"weights": {"ft-0": 3.0, "ft-1": 1.0}}, **sticky), "v2.yaml")
+    # Sticky routing hashes the key (CRC-32, 10,000 buckets): one user the canary takes, one it leaves.
+    taken = next(f"u{i}" for i in range(100) if zlib.crc32(f"u{i}".encode()) % 10_000 < 5_000)
+    left = next(f"u{i}" for i in range(100) if zlib.crc32(f"u{i}".encode()) % 10_000 >= 5_000)
     store = str(tmp_path / "store")
     args = ["--spec", str(first), "--store", store, "--store-poll-seconds", "0.2"]
     with contextlib.ExitStack() as stack:
@@ -130,14 +136,15 @@ def test_a_canary_started_on_one_replica_routes_on_the_others_and_survives_a_res
         with SoupClient(f"127.0.0.1:{ports[0]}") as soups:
             assert soups.push(canary, wait=True)["version"] == "2"
         for port in ports:
-            wait_for_version(port, 2)
+            wait_for_version(port, 2, user=taken)
+            assert version_served(port, user=left) == 1
         with SoupClient(f"127.0.0.1:{ports[1]}") as soups:
             status = soups.status("digits")["models"][0]
             assert (status["active_version"], status["canary_version"]) == ("1", "2")
     # Both gone; a fresh process on the same store routes to the canary again, until it is aborted.
     with serve_process(args) as (_process, port, _, _):
-        assert version_served(port) == 2
+        assert (version_served(port, user=taken), version_served(port, user=left)) == (2, 1)
         with SoupClient(f"127.0.0.1:{port}") as soups:
             soups.abort_canary("digits")
             assert {v["version"]: v["state"] for v in soups.versions("digits")} == {"1": "active", "2": "ready"}
-        assert version_served(port) == 1
+        assert version_served(port, user=taken) == 1

@@ -162,17 +162,18 @@ def test_the_gate_passes_a_first_version_and_rejects_a_worse_one_with_both_numbe
 
 
 def verdict(canary: dict[str, Any], candidate: list[int], active: list[int]) -> str | None:
-    """The rule of tureen.core.rollout, from its docstring: roll back when a one-sided
-    two-proportion z-test (unpooled standard error) finds the canary worse at level alpha;
-    promote when both have min_samples labels and the canary is within margin; roll back an
-    undecided canary at max_samples. With no spread at all, the standard error is taken as
-    1 / (2 n) for the larger n (as the code's comment says), so that z stays finite."""
+    """The rule of tureen.core.rollout, from its docstring: nothing before each version has
+    min(min_samples, 30) labels; roll back when a one-sided two-proportion z-test (pooled
+    standard error; z = 0 when it is 0) finds the canary worse at level alpha; promote when both
+    have min_samples labels and the canary is within margin; roll back an undecided canary at
+    max_samples."""
     (c_ok, c_n), (a_ok, a_n) = candidate, active
-    if c_n == 0 or a_n == 0:
+    if min(c_n, a_n) < min(canary["min_samples"], 30):
         return None
     p_c, p_a = c_ok / c_n, a_ok / a_n
-    se = max(math.sqrt(p_c * (1 - p_c) / c_n + p_a * (1 - p_a) / a_n), 1 / (2 * max(c_n, a_n)))
-    if NormalDist().cdf((p_c - p_a) / se) < canary.get("alpha", 0.05):
+    pooled = (c_ok + a_ok) / (c_n + a_n)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / c_n + 1 / a_n))
+    if NormalDist().cdf((p_c - p_a) / se if se else 0.0) < canary.get("alpha", 0.05):
         return "rollback"
     if min(c_n, a_n) >= canary["min_samples"] and p_c >= p_a - canary.get("margin", 0.0):
         return "promote"
@@ -296,12 +297,14 @@ def test_sticky_routing_the_share_of_random_routing_and_promote_and_abort_by_han
     assert states_of(soups) == {1: "retired", 2: "active"}
     assert {infer(client, probe, parameters={"user": user})[0] for user in by_user} == {2}
 
-    assert soups.push(kitchen.spec("noise", rollout={"canary": {"percent": 100, "min_samples": 1000}}), wait=True)
+    assert soups.push(kitchen.spec("noise", rollout={"canary": canary}), wait=True)
     assert model_status(soups)["canary_version"] == "3"
-    assert {infer(client, probe)[0] for _ in range(10)} == {3}  # 100 percent
+    # The same share and key: the users the first canary took go to this one.
+    canary_users = [user for user, version in by_user.items() if version == 2]
+    assert {infer(client, probe, parameters={"user": user})[0] for user in canary_users} == {3}
     aborted = soups.abort_canary("digits")
     assert int(aborted["version"]) == 3 and aborted["state"] not in ("active", "canary", "rejected")
-    assert {infer(client, probe)[0] for _ in range(10)} == {2}
+    assert {infer(client, probe, parameters={"user": user})[0] for user in canary_users} == {2}
     assert model_status(soups)["canary_version"] == "0" and states_of(soups)[2] == "active"
     refused(lambda: soups.abort_canary("digits"), grpc.StatusCode.FAILED_PRECONDITION, "no canary")
     refused(lambda: soups.promote_canary("digits"), grpc.StatusCode.FAILED_PRECONDITION, "no canary")
@@ -323,7 +326,7 @@ def test_canary_percent_outside_0_to_100_is_invalid_and_unknown_feedback_is_coun
     kitchen: Kitchen, serving: tuple[App, SoupClient, grpcclient.InferenceServerClient]
 ) -> None:
     app, soups, client = serving
-    for percent in (0, -5, 100.5, 150):
+    for percent in (0, -5, 100, 100.5, 150):  # 100 would leave the active version without labels
         refused(
             lambda p=percent: soups.push(kitchen.spec("good", rollout={"canary": {"percent": p}})),
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -346,14 +349,19 @@ def test_canary_percent_outside_0_to_100_is_invalid_and_unknown_feedback_is_coun
     assert soups.feedback("digits", "two-rows", [int(kitchen.y[0]), int(kitchen.y[1])]) is None  # scored once
     assert ignored() == 3
     infer(client, kitchen.x[:1])  # no request id: nothing to match later
-    assert soups.feedback("digits", "", 1) is None
-    assert soups.feedback("nope", "never-sent", 1) is None  # an unknown model is no label value
+    refused(lambda: soups.feedback("digits", "", 1), grpc.StatusCode.INVALID_ARGUMENT, "request_id")
+    refused(lambda: soups.feedback("digits", "two-rows", []), grpc.StatusCode.INVALID_ARGUMENT, "labels")
+    refused(lambda: soups.feedback("nope", "never-sent", 1), grpc.StatusCode.NOT_FOUND, "nope")
+    version3, _ = infer(client, kitchen.x[:3], request_id="three-rows")
+    refused(lambda: soups.feedback("digits", "three-rows", [1]), grpc.StatusCode.INVALID_ARGUMENT, "3 rows")
+    assert soups.feedback("digits", "three-rows", [int(v) for v in kitchen.y[:3]]) == version3  # kept for the retry
     page = scrape(app)
-    assert sample(page, "tureen_feedback_ignored_total", model="digits") == 4
-    assert sample(page, "tureen_feedback_ignored_total", model="") == 1
+    assert sample(page, "tureen_feedback_ignored_total", model="digits") == 3
     assert not any('model="nope"' in line for line in page.splitlines())
-    # The one matched request scored its two rows for version 1.
-    correct = int(sum(int(p) == int(t) for p, t in zip(logits.argmax(axis=1), kitchen.y[:2], strict=True)))
-    assert sample(page, "tureen_online_labelled_samples", model="digits", version="1") == 2
-    assert sample(page, "tureen_online_accuracy", model="digits", version="1") == correct / 2
-    assert model_status(soups)["online"]["1"] == {"accuracy": correct / 2, "samples": "2"}
+    # The matched requests scored their two and three rows for version 1.
+    _, logits3 = infer(client, kitchen.x[:3])
+    rows = [*zip(logits.argmax(axis=1), kitchen.y[:2], strict=True), *zip(logits3.argmax(axis=1), kitchen.y[:3], strict=True)]
+    correct = sum(int(p) == int(t) for p, t in rows)
+    assert sample(page, "tureen_online_labelled_samples", model="digits", version="1") == 5
+    assert sample(page, "tureen_online_accuracy", model="digits", version="1") == pytest.approx(correct / 5)
+    assert model_status(soups)["online"]["1"] == {"accuracy": pytest.approx(correct / 5), "samples": "5"}

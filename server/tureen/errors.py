@@ -127,6 +127,12 @@ class EvaluationError(SoupError):
     reason = "invalid_evaluation"
 
 
+class EvaluationMissing(EvaluationError):
+    """An evaluation file is not on this machine (another replica may have it)."""
+
+    reason = "evaluation_missing"
+
+
 class GateRejected(VersionConflict):
     """The rollout gate kept a version from serving: its held-out metric is worse than the active one's."""
 

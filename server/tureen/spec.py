@@ -244,7 +244,8 @@ class Gate(_Frozen):
 class Canary(_Frozen):
     """Send a share of traffic to the candidate, then promote or roll back on labelled feedback."""
 
-    percent: float = Field(gt=0.0, le=100.0)
+    percent: float = Field(gt=0.0, lt=100.0)
+    """Share of requests the candidate takes; below 100, so that the active version is labelled too."""
     sticky: str | None = Field(default=None, min_length=1)
     """A request parameter whose value picks the blend (the same value, the same blend)."""
     min_samples: int = Field(default=200, ge=1)
@@ -302,6 +303,9 @@ class SoupSpec(_Frozen):
             problems.append(("evaluation", f"method {method.name!r} searches on held-out data; add an evaluation section"))
         if self.merge.grid is not None and self.evaluation is None:
             problems.append(("merge.grid", "a grid search scores each point on held-out data; add an evaluation section"))
+        canary = self.rollout.canary if self.rollout is not None else None
+        if canary is not None and self.evaluation is not None and self.evaluation.task != "classification":
+            problems.append(("rollout.canary", "canaries are judged by online accuracy, so the task must be classification"))
         if self.rollout is not None and self.rollout.gate is not None and self.evaluation is None:
             problems.append(("rollout.gate", "the gate compares evaluations; add an evaluation section"))
         if problems:

@@ -87,7 +87,7 @@ class Blend:
             return None
         name = evaluation.output if evaluation is not None and evaluation.output else next(iter(self.signature.outputs))
         logits = outputs_by_name(result, tuple(self.signature.outputs)).get(name)
-        if not isinstance(logits, torch.Tensor) or logits.dim() == 0:
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:  # [batch, classes] only: never token logits
             return None
         return [int(c) for c in logits.argmax(dim=-1).reshape(-1).tolist()]
 
@@ -186,7 +186,9 @@ class BlendRepository:
             return dict(self._active)
 
     def is_ready(self, model: str, version: str = "") -> bool:
-        blend = self._active.get(model)
+        blend, canary = self._active.get(model), self._canaries.get(model)
+        if canary is not None and version == str(canary.blend.version):
+            return True
         return blend is not None and (not version or version == str(blend.version))
 
     def all_ready(self) -> bool:

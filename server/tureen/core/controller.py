@@ -21,14 +21,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tureen.core.blends import Blend, BlendRepository
+from tureen.core.blends import Blend, BlendRepository, CanaryRoute
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import Observer
 from tureen.core.residency import Residency
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.rollout_control import RolloutControl
 from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import IngredientMissing, ModelNotFound, OutOfMemory, SoupError, StoreError, VersionConflict
+from tureen.errors import (
+    EvaluationMissing,
+    IngredientMissing,
+    ModelNotFound,
+    OutOfMemory,
+    SoupError,
+    SpecInvalid,
+    StoreError,
+    VersionConflict,
+)
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -152,6 +161,8 @@ class Controller(RolloutControl):
         Returns once stored, or with ``wait`` once built and (when asked) active; a failed build
         then raises its error. The blend serving the model is untouched until the swap.
         """
+        if in_place and spec.rollout is not None:
+            raise SpecInvalid(["in_place: a spec with a rollout section needs the serving blend beside it; push it normally"])
         stored = self.store.push(spec, pushed_by=by)
         self.repository.declare(spec.model)
         _log.info("model %s: version %d stored (pushed by %s)", spec.model, stored.version, by or "?")
@@ -195,6 +206,7 @@ class Controller(RolloutControl):
                     raise ModelNotFound(f"model {model!r} has no stored version")
                 return
             self.store.point(model, Pointer(0, (*pointer.history, pointer.version), by, time.time()))
+            self._end_canary_here(model)
             self.residency.retire(model, 0, self.repository.unload(model))
         self._bump()
 
@@ -212,6 +224,9 @@ class Controller(RolloutControl):
             active = self.repository.models().get(model)
             if active is not None and active.version == version:
                 raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
+            route, pointer = self.repository.canary(model), self.store.pointer(model)
+            if (route is not None and route.blend.version == version) or (pointer is not None and pointer.canary == version):
+                raise VersionConflict(f"model {model!r} version {version} is the canary; promote or abort it first")
             self.residency.drop(model, version)
             self.store.delete(model, version)
         self._bump()
@@ -317,6 +332,7 @@ class Controller(RolloutControl):
         version back, built again, and raises the failure."""
         model = stored.model
         with self._model_lock(model):
+            self._end_canary_here(model)
             previous = self.repository.unload(model)
             self.residency.drop(model)
             back = previous.version if previous is not None else None
@@ -338,19 +354,24 @@ class Controller(RolloutControl):
         write_pointer: bool,
         history: tuple[int, ...] | None = None,
         follow: bool = False,
+        canary: CanaryRoute | None = None,
     ) -> Blend:
         """Make ``version`` serve ``model``. The build (if any) runs with no lock held; the swap and
         the pointer write happen together under the model's lock. ``follow`` (the store watcher)
-        swaps only if the store still points at ``version`` by then."""
+        swaps only if the store still points at ``version`` by then. ``canary`` (a promotion)
+        swaps in that canary's blend, only while it is still the model's canary."""
         requested = time.perf_counter()
         current = self.repository.models().get(model)
         blend = current if current is not None and current.version == version else None
-        route = self.repository.canary(model)
-        if blend is None and route is not None and route.blend.version == version:
-            blend = route.blend  # promoting the canary: already built, warmed up and serving a share
+        if canary is not None:
+            blend = canary.blend  # already built, warmed up and serving a share: never built again
         if blend is None:
             blend = self.residency.get(model, version) or self._build(self.store.get(model, version))
         with self._model_lock(model):
+            if canary is not None:
+                pointer = self.store.pointer(model)
+                if self.repository.canary(model) is not canary or pointer is None or pointer.canary != version:
+                    raise VersionConflict(f"model {model!r}: the canary of version {version} ended meanwhile")
             if follow:
                 pointer = self.store.pointer(model)
                 if pointer is None or pointer.version != version:
@@ -395,8 +416,10 @@ class Controller(RolloutControl):
         def progress(stage: str, fraction: float) -> None:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
+        settled = stored.state in ("ready", "rejected")  # a rebuild must not reopen a verdict
         try:
-            stored = self.store.record(stored, "building")
+            if not settled:
+                stored = self.store.record(stored, "building")
             blend = self.kitchen.build(
                 stored.spec,
                 version,
@@ -415,7 +438,8 @@ class Controller(RolloutControl):
             self._set_building(None, model)
         self.store.record(
             stored,
-            "ready",
+            stored.state if settled else "ready",
+            stored.reason if settled else "",
             build_seconds=round(blend.build_seconds, 3),
             checksums=dict(blend.checksums),
             evaluation=_plain(blend.evaluation),
@@ -455,6 +479,7 @@ class Controller(RolloutControl):
             if pointer is not None and pointer.version == 0 and current is not None:
                 with self._model_lock(model):
                     if (self.store.pointer(model) or pointer).version == 0:
+                        self._end_canary_here(model)
                         self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
                 self._bump()
                 continue
@@ -495,7 +520,7 @@ def _plain(value: Any) -> Any:
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
-LOCAL_FAILURES = (OutOfMemory, IngredientMissing, StoreError)
+LOCAL_FAILURES = (OutOfMemory, IngredientMissing, EvaluationMissing, StoreError)
 """Build failures that say something about this replica, not about the spec."""
 
 BUILD_NICENESS = 10

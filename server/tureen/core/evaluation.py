@@ -22,7 +22,7 @@ from torch import nn
 
 from tureen.core.architecture import outputs_by_name
 from tureen.core.signature import Signature
-from tureen.errors import EvaluationError, SoupError
+from tureen.errors import EvaluationError, EvaluationMissing, OutOfMemory, SoupError
 from tureen.spec import HIGHER_IS_BETTER, EvalSet, Evaluation
 
 ECE_BINS = 15
@@ -75,6 +75,8 @@ class Evaluator:
             for batch in batches:
                 try:
                     produced = outputs_by_name(forward(batch.inputs), tuple(self.signature.outputs))
+                except torch.OutOfMemoryError as exc:  # this device's limit, not the data's fault
+                    raise OutOfMemory(f"{where}: out of memory scoring a batch (lower evaluation.batch_size): {exc}") from None
                 except (RuntimeError, ValueError, TypeError) as exc:
                     raise EvaluationError(f"{where}: the model cannot run on this data: {exc}") from None
                 logits = produced.get(self.output)
@@ -93,6 +95,8 @@ class Evaluator:
     def value(self, scores: Scores) -> float:
         """The deciding metric of ``scores``, oriented so that higher is better."""
         value = scores[self.metric]
+        if not math.isfinite(value):  # a diverged candidate (NaN, inf) ranks below every finite one
+            return -math.inf
         return value if HIGHER_IS_BETTER[self.metric] else -value
 
     def module_forward(self, module: nn.Module) -> Forward:
@@ -218,7 +222,7 @@ def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
     if source.path is not None:
         path = Path(source.path)
         if not path.is_file():
-            raise EvaluationError(f"{where}.path: no such file: {path}")
+            raise EvaluationMissing(f"{where}.path: no such file: {path}")
         try:
             return [load_file(str(path))]
         except (SafetensorError, OSError, ValueError) as exc:

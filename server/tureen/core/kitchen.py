@@ -22,9 +22,9 @@ from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.observer import Observer
 from tureen.core.recipe import check_compatible, mix
-from tureen.core.search import needs_search, resolved_spec, search
+from tureen.core.search import Resolution, needs_search, resolved_spec, search
 from tureen.core.signature import Signature
-from tureen.errors import ArchitectureError, OutOfMemory, SoupError, SpecInvalid
+from tureen.errors import ArchitectureError, MergeError, OutOfMemory, SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.spec import Architecture, SoupSpec
 
@@ -64,9 +64,7 @@ class Kitchen:
             skeleton = instantiate(spec.architecture, "meta")
             signature = Signature(interface_of(spec, skeleton))
             evaluator = Evaluator(spec.evaluation, signature, self.pool.device, BLEND_DTYPES[spec.dtype])
-            found = search(
-                spec, ingredients, probe_module(spec.architecture, self.pool.device), evaluator, _stage(None, 0.0, 1.0)
-            )
+            found = _searched(spec, ingredients, self.pool.device, evaluator, _stage(None, 0.0, 1.0))
             spec = resolved_spec(spec, found.merge)
         return mix(spec, ingredients, kernels=self.kernels)
 
@@ -106,7 +104,7 @@ class Kitchen:
         if needs_search(spec):
             assert evaluator is not None  # the spec requires an evaluation section for a search
             if resolution is None:
-                found = search(spec, ingredients, probe_module(spec.architecture, device), evaluator, _stage(progress, 0.6, 0.2))
+                found = _searched(spec, ingredients, device, evaluator, _stage(progress, 0.6, 0.2))
                 resolution = {"merge": found.merge, "log": found.log}
             recipe = resolved_spec(spec, resolution["merge"])
         if progress is not None:
@@ -173,6 +171,21 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
             ", ".join(f"{k} {v:.4f}" for k, v in values.items()),
         )
     return replace(blend, evaluation=scores, ingredient_evaluation=alone)
+
+
+def _searched(
+    spec: SoupSpec, ingredients: Mapping[str, Ingredient], device: torch.device, evaluator: Evaluator, report: Progress
+) -> Resolution:
+    """Run the spec's search; failures of the search itself come back as errors naming the method."""
+    assert spec.architecture is not None
+    try:
+        return search(spec, ingredients, probe_module(spec.architecture, device), evaluator, report)
+    except SoupError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise OutOfMemory(f"merge.method {spec.merge.method!r}: the search ran out of memory on {device}: {exc}") from None
+    except Exception as exc:  # a diverging learned soup, an architecture that cannot run functionally...
+        raise MergeError(f"merge.method {spec.merge.method!r}: the search failed: {exc}") from None
 
 
 def probe_module(arch: Architecture, device: torch.device) -> nn.Module:

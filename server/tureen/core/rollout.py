@@ -4,9 +4,12 @@ The gate compares a candidate's held-out metric with the active version's before
 reaches it. A canary then takes a share of live requests; applications report true labels
 for request ids (Feedback), and each version's online accuracy decides the canary:
 
+- nothing is decided before each version has ``min(min_samples, 30)`` labels: one wrong answer
+  out of one is no evidence;
 - it is **rolled back** as soon as a one-sided two-proportion z-test finds it worse than the
-  active version at level ``alpha`` (z = (p_canary - p_active) / se < -z_alpha, with the
-  unpooled standard error se = sqrt(p_c (1 - p_c) / n_c + p_a (1 - p_a) / n_a));
+  active version at level ``alpha``: z = (p_c - p_a) / se with the pooled standard error
+  se = sqrt(p (1 - p) (1 / n_c + 1 / n_a)), p = (correct_c + correct_a) / (n_c + n_a), and
+  rollback when P(Z <= z) < alpha (z is 0 when se is 0: both always right, or always wrong);
 - it is **promoted** once both versions have ``min_samples`` labels, that test does not find it
   worse, and its accuracy is at least the active one's minus ``margin``;
 - still undecided at ``max_samples`` canary labels, it is rolled back.
@@ -25,6 +28,8 @@ from tureen.spec import HIGHER_IS_BETTER, Canary, SoupSpec
 
 REMEMBERED_REQUESTS = 100_000
 """Predictions kept per process for feedback to find; the oldest are forgotten first."""
+MIN_LABELS = 30
+"""Labels each version needs before any decision, rollback included (fewer with a smaller min_samples)."""
 ROLLING_WINDOW = 1000
 """Labelled requests behind each version's rolling online accuracy."""
 
@@ -55,7 +60,7 @@ def check_gate(
         f"{metric} on {split!r}: version {version} {mine:.4f}, active version {active_version} {theirs:.4f} "
         f"(tolerance {gate.tolerance:g})"
     )
-    if worse_by > gate.tolerance:
+    if not math.isfinite(mine) or worse_by > gate.tolerance:  # NaN compares false: refuse it outright
         raise GateRejected(f"rollout.gate: rejected: {line}")
     return f"gate: passed: {line}"
 
@@ -86,12 +91,15 @@ class OnlineAccuracy:
                 self._predictions.popitem(last=False)
 
     def labelled(self, model: str, request_id: str, labels: Sequence[int]) -> Prediction | None:
-        """Score the prediction made for ``request_id``; None when it is unknown (or forgotten)
-        or the labels do not match its rows. Each prediction is scored once."""
+        """Score the prediction made for ``request_id``; None when it is unknown (or forgotten).
+        Each prediction is scored once. Raises ``ValueError`` (keeping the prediction for a
+        corrected retry) when the labels do not match its rows."""
         with self._lock:
             prediction = self._predictions.get((model, request_id))
-            if prediction is None or len(labels) != len(prediction.classes):
-                return None  # a wrong number of labels leaves the prediction for a corrected retry
+            if prediction is None:
+                return None
+            if len(labels) != len(prediction.classes):
+                raise ValueError(f"the request had {len(prediction.classes)} rows, got {len(labels)} labels")
             del self._predictions[(model, request_id)]
             key = (model, prediction.version)
             rolling = self._rolling.setdefault(key, deque(maxlen=self._window))
@@ -130,13 +138,15 @@ class Verdict:
 def decide(canary: Canary, candidate: tuple[int, int], active: tuple[int, int]) -> Verdict:
     """The canary's fate from (correct, labelled) of the candidate and of the active version."""
     (c_ok, c_n), (a_ok, a_n) = candidate, active
-    if c_n == 0 or a_n == 0:
-        return Verdict(None, f"waiting for labels (canary {c_n}, active {a_n})")
+    if c_n >= canary.max_samples and a_n == 0:
+        return Verdict("rollback", f"undecided after {c_n} labels: the active version got none to compare with")
+    needed = min(canary.min_samples, MIN_LABELS)
+    if c_n < needed or a_n < needed:
+        return Verdict(None, f"waiting for labels (canary {c_n}, active {a_n}; {needed} each before any decision)")
     p_c, p_a = c_ok / c_n, a_ok / a_n
-    se = math.sqrt(p_c * (1 - p_c) / c_n + p_a * (1 - p_a) / a_n)
-    # With no spread at all (both always right, or always wrong) the smallest possible one stands in.
-    se = max(se, 1.0 / (2 * max(c_n, a_n)))
-    z = (p_c - p_a) / se
+    pooled = (c_ok + a_ok) / (c_n + a_n)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / c_n + 1 / a_n))
+    z = (p_c - p_a) / se if se > 0 else 0.0
     p_worse = 0.5 * (1 + math.erf(z / math.sqrt(2)))  # P(Z <= z): small when the canary looks worse
     line = f"canary {p_c:.4f} ({c_n} labels) vs active {p_a:.4f} ({a_n} labels): z {z:+.2f}, one-sided p {p_worse:.4f}"
     if p_worse < canary.alpha:

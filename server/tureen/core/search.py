@@ -22,7 +22,7 @@ from tureen.core.evaluation import Batch, Evaluator, Scores
 from tureen.core.ingredients import Ingredient
 from tureen.core.recipe import mix
 from tureen.errors import SpecInvalid
-from tureen.spec import HIGHER_IS_BETTER, MergeSpec, SoupSpec
+from tureen.spec import MergeSpec, SoupSpec
 
 _log = logging.getLogger("tureen.search")
 
@@ -84,13 +84,12 @@ def _greedy(
     for i, name in enumerate(names, start=1):
         alone[name] = _score(spec, _uniform(names, [name]), ingredients, module, ev)[metric]
         report(f"greedy: scoring ingredient {i}/{len(names)} {name!r}: {metric} {alone[name]:.4f}", 0.5 * i / len(names))
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    order = sorted(names, key=lambda n: -sign * alone[n])
+    order = sorted(names, key=lambda n: -ev.value({metric: alone[n]}))
     kept, best = [order[0]], alone[order[0]]
     steps = [{"ingredient": order[0], metric: best, "kept": True, "soup": list(kept)}]
     for i, name in enumerate(order[1:], start=2):
         value = _score(spec, _uniform(names, [*kept, name]), ingredients, module, ev)[metric]
-        keep = sign * value >= sign * best
+        keep = ev.value({metric: value}) >= ev.value({metric: best})
         if keep:
             kept, best = [*kept, name], value
         steps.append({"ingredient": name, metric: value, "kept": keep, "soup": list(kept)})

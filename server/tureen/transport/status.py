@@ -18,6 +18,7 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.IngredientError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ArchitectureError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.MergeError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.EvaluationMissing: grpc.StatusCode.NOT_FOUND,
     errors.EvaluationError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.BlendNotReady: grpc.StatusCode.UNAVAILABLE,
