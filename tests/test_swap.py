@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 from tureen_client import SoupClient, SoupClientError
@@ -200,9 +201,38 @@ def test_tritonclient_load_model_pushes_a_spec_and_unload_stops_serving(soup: tu
         assert index == [{"name": "digits", "version": "2", "state": "READY"}]
         client.unload_model("digits")
         assert not client.is_model_ready("digits")
+        assert client.is_server_ready()  # unloaded on purpose: the replica stays in rotation
         client.load_model("digits")
         assert infer(client, x)[0] == 2
         client.close()
+
+
+def test_a_model_pushed_later_does_not_hold_up_readiness_while_its_first_blend_builds(
+    soup: tuple[Path, dict], tmp_path: Path
+) -> None:
+    folder, _ = soup
+    slow = {**load_spec(spec_file(folder, 1)).model_dump(mode="json", by_alias=True, exclude_none=True)}
+    slow.update(model="slow", architecture={"factory": "archs:slow_mlp", "kwargs": {"hidden": 8, "seconds": 2.0}})
+    with running_app([load_spec(spec_file(folder, 1))]) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        with (
+            SoupClient(address) as soups,
+            grpcclient.InferenceServerClient(address) as client,
+            grpc.insecure_channel(address) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            soups.push(slow)  # returns once stored; builds for 2 s
+            deadline = time.monotonic() + 10
+            while soups.status("slow")["models"][0].get("building") is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not client.is_model_ready("slow") and client.is_server_ready()
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service="slow")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            while not client.is_model_ready("slow") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.is_model_ready("slow") and client.is_server_ready()
 
 
 def test_a_build_reuses_the_memory_of_the_blend_it_pushes_out_unless_a_request_still_holds_it(soup: tuple[Path, dict]) -> None:

@@ -115,13 +115,21 @@ class BlendRepository:
         self._observer = observer
         self._canaries: dict[str, CanaryRoute] = {}
         self._active: dict[str, Blend | None] = {}
+        self._expected: set[str] = set()
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
 
-    def declare(self, model: str) -> None:
-        """Make ``model`` known before it has a blend: requests get UNAVAILABLE, not NOT_FOUND."""
+    def declare(self, model: str, expected: bool = False) -> None:
+        """Make ``model`` known before it has a blend: requests get UNAVAILABLE, not NOT_FOUND.
+
+        ``expected``: the server is not ready until it serves (a model active at start-up). Any
+        model becomes expected once it first serves; a model pushed later does not hold up a
+        server that already serves others while its first blend builds.
+        """
         with self._lock:
             self._active.setdefault(model, None)
+            if expected:
+                self._expected.add(model)
         self._notify()
 
     def swap(self, blend: Blend) -> Blend | None:
@@ -129,16 +137,20 @@ class BlendRepository:
         with self._lock:
             previous = self._active.get(blend.model)
             self._active[blend.model] = blend
+            self._expected.add(blend.model)
         self._observer.blend_activated(blend.model, blend.version, blend.nbytes)
         self._notify()
         return previous
 
-    def unload(self, model: str) -> Blend | None:
-        """Stop serving ``model`` (it stays declared: requests get UNAVAILABLE); return its blend."""
+    def unload(self, model: str, pause: bool = False) -> Blend | None:
+        """Stop serving ``model`` (it stays declared: requests get UNAVAILABLE); return its blend.
+        ``pause``: it comes back soon (an in-place swap), and the server is not ready meanwhile."""
         with self._lock:
             previous = self._active.get(model)
             if model in self._active:
                 self._active[model] = None
+            if not pause:
+                self._expected.discard(model)
         self._notify()
         return previous
 
@@ -192,8 +204,10 @@ class BlendRepository:
         return blend is not None and (not version or version == str(blend.version))
 
     def all_ready(self) -> bool:
-        """True when every declared model has a blend (vacuously true with no models)."""
-        return all(blend is not None for blend in self.models().values())
+        """True when every expected model has a blend (see ``declare``; vacuously true with none):
+        the models active at start-up are built, and none is paused by an in-place swap."""
+        with self._lock:
+            return all(self._active.get(model) is not None for model in self._expected)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every declare and swap (health status follows this)."""

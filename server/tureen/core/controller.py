@@ -333,7 +333,7 @@ class Controller(RolloutControl):
         model = stored.model
         with self._model_lock(model):
             self._end_canary_here(model)
-            previous = self.repository.unload(model)
+            previous = self.repository.unload(model, pause=True)
             self.residency.drop(model)
             back = previous.version if previous is not None else None
             del previous  # its memory goes as soon as the requests on it finish

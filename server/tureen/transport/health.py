@@ -11,7 +11,9 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 def add_health(server: grpc.Server, repository: BlendRepository) -> health.HealthServicer:
-    """Register health; "" and the inference service are SERVING once every model is ready.
+    """Register health; "" and the inference service are SERVING once the models active at
+    start-up are ready (``BlendRepository.all_ready``: a model pushed later, or unloaded on
+    purpose, does not take a serving replica out of rotation; an in-place swap does).
 
     Each model name is also a health service of its own, SERVING when that model is ready.
     """
@@ -20,7 +22,7 @@ def add_health(server: grpc.Server, repository: BlendRepository) -> health.Healt
 
     def refresh() -> None:
         models = repository.models()
-        overall = all(blend is not None for blend in models.values())
+        overall = repository.all_ready()
         for service in ("", INFERENCE_SERVICE):
             servicer.set(service, _status(overall))
         for model, blend in models.items():
