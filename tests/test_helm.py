@@ -164,7 +164,7 @@ def test_defaults_render_a_single_demo_pod_with_its_volumes_and_probes() -> None
     assert "--demo" in main["args"] and f"--demo-dir={INGREDIENTS}/demo" in main["args"]
     assert main["startupProbe"]["grpc"] == {"port": 8001, "service": ""}
     assert main["readinessProbe"]["grpc"] == {"port": 8001, "service": ""}
-    assert main["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert main["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
     startup = main["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60  # room for large ingredients
     assert {c["metadata"]["name"] for c in objects if c["kind"] == "PersistentVolumeClaim"} == {

@@ -226,6 +226,8 @@ def test_a_model_without_a_blend_is_unavailable_until_built(tmp_path: Path) -> N
             health = health_pb2_grpc.HealthStub(channel)
             check = health_pb2.HealthCheckRequest(service="")
             assert health.Check(check).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            alive = health_pb2.HealthCheckRequest(service="liveness")  # busy building, not dead
+            assert health.Check(alive).status == health_pb2.HealthCheckResponse.SERVING
             assert c.is_server_live() and not c.is_server_ready() and not c.is_model_ready("digits")
             assert status_of(c.infer, "digits", [infer_input(pixels(1))]).startswith(
                 "StatusCode.UNAVAILABLE model 'digits' has no ready blend yet"

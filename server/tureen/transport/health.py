@@ -8,6 +8,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tureen.core.blends import BlendRepository
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+LIVENESS_SERVICE = "liveness"
+"""SERVING from the moment the server listens until it stops: for liveness probes, which must
+not restart a process that is busy building (or paused by an in-place swap) on purpose."""
 
 
 def add_health(server: grpc.Server, repository: BlendRepository) -> health.HealthServicer:
@@ -15,10 +18,12 @@ def add_health(server: grpc.Server, repository: BlendRepository) -> health.Healt
     start-up are ready (``BlendRepository.all_ready``: a model pushed later, or unloaded on
     purpose, does not take a serving replica out of rotation; an in-place swap does).
 
-    Each model name is also a health service of its own, SERVING when that model is ready.
+    Each model name is also a health service of its own, SERVING when that model is ready, and
+    ``liveness`` is SERVING for as long as the process serves at all.
     """
     servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     def refresh() -> None:
         models = repository.models()
