@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from helpers import digits_spec, write_spec
 from tureen.core.parameters import ParameterPlan
 from tureen.errors import SpecInvalid
-from tureen.spec import load_spec, parse_spec
+from tureen.spec import RESERVED_MODEL_NAMES, load_spec, parse_spec
+from tureen.transport import health
 
 
 def problems(document: Any) -> str:
@@ -135,3 +136,11 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     listing.write_text("- a\n- b\n")
     with pytest.raises(SpecInvalid, match=r"expected a mapping at the top level, got list"):
         load_spec(listing)
+
+
+@pytest.mark.parametrize("name", ["liveness", "inference.GRPCInferenceService"])
+def test_health_service_names_are_not_model_names(name: str) -> None:
+    document = {"apiVersion": "tureen/v1", "model": name, "ingredients": [{"name": "a", "path": "a.safetensors"}]}
+    with pytest.raises(SpecInvalid, match=r"^model: .*health service"):
+        parse_spec(document)
+    assert set(RESERVED_MODEL_NAMES) == {health.LIVENESS_SERVICE, health.INFERENCE_SERVICE}

@@ -25,6 +25,8 @@ DATATYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16",
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+RESERVED_MODEL_NAMES = ("liveness", "inference.GRPCInferenceService")
+"""Health service names of their own (each model name is one too, so these cannot be models)."""
 
 
 class FieldProblems(ValueError):
@@ -277,6 +279,14 @@ class SoupSpec(_Frozen):
     api_version: Literal["tureen/v1"] = Field(alias="apiVersion")
     model: str = Field(pattern=NAME_PATTERN)
     architecture: Architecture | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _not_reserved(cls, model: str) -> str:
+        if model in RESERVED_MODEL_NAMES:
+            raise ValueError(f"{model!r} is a name the health service reports on; choose another model name")
+        return model
+
     interface: Interface | None = None
     ingredients: tuple[IngredientRef, ...] = Field(min_length=1)
     merge: MergeSpec = Field(default_factory=MergeSpec)
