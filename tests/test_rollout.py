@@ -285,8 +285,14 @@ def test_sticky_routing_the_share_of_random_routing_and_promote_and_abort_by_han
     # Without the parameter, each request goes to the canary with probability one half.
     versions = [infer(client, probe)[0] for _ in range(200)]
     assert set(versions) == {1, 2} and 60 <= versions.count(2) <= 140
-    # A request may name a version: the canary's, or the active one's.
+    # A request may name a version: the canary's, or the active one's; Triton's per-version calls answer for both.
     assert infer(client, probe, model_version="2")[0] == 2 and infer(client, probe, model_version="1")[0] == 1
+    for version in ("1", "2"):
+        assert client.is_model_ready("digits", version)
+        assert client.get_model_metadata("digits", version).versions == [version]
+        assert client.get_model_config("digits", version).config.name == "digits"
+    served = {s.version for s in client.get_inference_statistics("digits").model_stats}
+    assert served == {"1", "2"}
     _, logits = infer(client, probe, model_version="2")
     np.testing.assert_allclose(logits, mlp_logits(kitchen.states["good"], probe, HIDDEN), rtol=1e-5, atol=1e-5)
 

@@ -155,7 +155,11 @@ class BlendRepository:
         return previous
 
     def active(self, model: str, version: str = "") -> Blend:
-        """The blend serving ``model``; ``version`` ("" = any) must match when given."""
+        """The blend serving ``model``; ``version`` ("" = any) must match when given. The canary's
+        version names the canary's blend (its metadata, config and statistics are asked for too)."""
+        canary = self._canaries.get(model)
+        if version and canary is not None and version == str(canary.blend.version):
+            return canary.blend
         try:
             blend = self._active[model]
         except KeyError:

@@ -90,11 +90,12 @@ class Engine:
 
         Raises ``ModelNotFound`` for a model, or a version of it, that is not served here.
         """
-        served = {name: blend for name, blend in self.repository.models().items() if blend is not None}
+        served = [(name, blend) for name, blend in self.repository.models().items() if blend is not None]
+        served += [(name, route.blend) for name, _ in served if (route := self.repository.canary(name)) is not None]
         if model:
             self.repository.active(model, version)  # NOT_FOUND / UNAVAILABLE, as for inference
         recorded = {(m, v): stats for m, v, stats in self.statistics.snapshot(model, version)}
-        for name, blend in served.items():
+        for name, blend in served:
             if (not model or name == model) and (not version or str(blend.version) == version):
                 recorded.setdefault((name, blend.version), VersionStatistics())
         return [(m, v, recorded[(m, v)]) for m, v in sorted(recorded)]
