@@ -88,3 +88,16 @@ def ref_nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Ten
     diff = (base.double() - other.double()).abs()
     weight = (t / diff.clamp(min=1e-6)).clamp(0, 1)
     return weight * other.double() + (1 - weight) * base.double()
+
+
+def expected_calibration_error(confidence: list[float], correct: list[bool], bins: int = 15) -> float:
+    """ECE by its definition, one sample at a time: the reference the server's batched sums are checked against."""
+    total = 0.0
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        members = [i for i, c in enumerate(confidence) if (low < c <= high) or (b == 0 and c == 0.0)]
+        if members:
+            mean_confidence = sum(confidence[i] for i in members) / len(members)
+            accuracy = sum(correct[i] for i in members) / len(members)
+            total += len(members) / len(confidence) * abs(mean_confidence - accuracy)
+    return total

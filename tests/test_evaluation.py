@@ -22,6 +22,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
+from references import expected_calibration_error
 from safetensors.torch import save_file
 from tureen_client import SoupClient, SoupClientError
 
@@ -39,7 +40,7 @@ from helpers import (
     scrape,
     write_spec,
 )
-from tureen.core.evaluation import ECE_BINS, expected_calibration_error
+from tureen.core.evaluation import ECE_BINS
 from tureen.spec import load_spec
 
 HIDDEN = 16

@@ -146,7 +146,7 @@ def _evaluate(
     models |= _soups(spec, ingredients, uniform, probe, evaluator, result.notes)
 
     def forward(state: State) -> Any:
-        return evaluator.functional_forward(probe, {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()})
+        return evaluator.functional_forward(probe, state)
 
     result.metric = evaluator.metric
     result.scores = {name: evaluator.score_all(forward(state)) for name, state in models.items()}

@@ -20,7 +20,7 @@ from torch import nn
 from tureen.core.architecture import outputs_by_name
 from tureen.core.observer import Observer
 from tureen.core.signature import Signature
-from tureen.errors import ArchitectureError, BlendNotReady, ModelNotFound
+from tureen.errors import ArchitectureError, BlendNotReady, ModelNotFound, SoupError
 from tureen.spec import SoupSpec
 
 
@@ -174,7 +174,7 @@ class BlendRepository:
         """The blend a request goes to: the canary for its share of requests, else the active one.
         A request naming a version gets that version, the canary's included."""
         canary = self._canaries.get(model)
-        if canary is not None and (version == str(canary.blend.version) or (not version and canary.takes(parameters or {}))):
+        if canary is not None and not version and canary.takes(parameters or {}):
             return canary.blend
         return self.active(model, version)
 
@@ -183,6 +183,7 @@ class BlendRepository:
         with self._lock:
             previous = self._canaries.get(route.blend.model)
             self._canaries[route.blend.model] = route
+        self._observer.canary_changed(route.blend.model, route.blend.version, route.percent)
         self._notify()
         return previous
 
@@ -190,7 +191,9 @@ class BlendRepository:
         """Stop the model's canary (all traffic to the active blend); return it."""
         with self._lock:
             route = self._canaries.pop(model, None)
-        self._notify()
+        if route is not None:
+            self._observer.canary_changed(model, 0, 0.0)
+            self._notify()
         return route
 
     def canary(self, model: str) -> CanaryRoute | None:
@@ -202,10 +205,11 @@ class BlendRepository:
             return dict(self._active)
 
     def is_ready(self, model: str, version: str = "") -> bool:
-        blend, canary = self._active.get(model), self._canaries.get(model)
-        if canary is not None and version == str(canary.blend.version):
-            return True
-        return blend is not None and (not version or version == str(blend.version))
+        try:
+            self.active(model, version)
+        except SoupError:
+            return False
+        return True
 
     def all_ready(self) -> bool:
         """True when every expected model has a blend (see ``declare``; vacuously true with none):

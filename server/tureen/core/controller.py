@@ -206,7 +206,7 @@ class Controller(RolloutControl):
                     raise ModelNotFound(f"model {model!r} has no stored version")
                 return
             self.store.point(model, Pointer(0, (*pointer.history, pointer.version), by, time.time()))
-            self._end_canary_here(model)
+            self.repository.end_canary(model)
             self.residency.retire(model, 0, self.repository.unload(model))
         self._bump()
 
@@ -332,7 +332,7 @@ class Controller(RolloutControl):
         version back, built again, and raises the failure."""
         model = stored.model
         with self._model_lock(model):
-            self._end_canary_here(model)
+            self.repository.end_canary(model)
             previous = self.repository.unload(model, pause=True)
             self.residency.drop(model)
             back = previous.version if previous is not None else None
@@ -378,14 +378,12 @@ class Controller(RolloutControl):
                     return blend  # activated again elsewhere meanwhile: the next poll follows that
             self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
             current = self.repository.models().get(model)
-            ended = self.repository.end_canary(model) if self.repository.canary(model) is not None else None
-            if ended is not None:
-                self._observer.canary_changed(model, 0, 0.0)
             if current is None or current.version != version:
                 previous = self.repository.swap(blend)
                 self._observer.blend_swapped(model, version, time.perf_counter() - requested)
                 self.residency.retire(model, version, previous)
                 _log.info("model %s: serving version %d", model, version)
+            self.repository.end_canary(model)  # after the swap: a promoted canary's share never dips
             if write_pointer:
                 pointer = self.store.pointer(model)
                 if history is None:
@@ -479,7 +477,7 @@ class Controller(RolloutControl):
             if pointer is not None and pointer.version == 0 and current is not None:
                 with self._model_lock(model):
                     if (self.store.pointer(model) or pointer).version == 0:
-                        self._end_canary_here(model)
+                        self.repository.end_canary(model)
                         self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
                 self._bump()
                 continue

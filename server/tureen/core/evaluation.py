@@ -103,8 +103,10 @@ class Evaluator:
         return lambda inputs: module(**inputs)
 
     def functional_forward(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> Forward:
-        """Run ``module`` with ``state`` in place of its own tensors (no copy into the module)."""
-        return lambda inputs: torch.func.functional_call(module, dict(state), args=(), kwargs=dict(inputs))
+        """Run ``module`` with ``state`` in place of its own tensors (not copied into the module);
+        floating tensors in another dtype (an ingredient's own) take the blend's."""
+        cast = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in state.items()}
+        return lambda inputs: torch.func.functional_call(module, cast, args=(), kwargs=dict(inputs))
 
     def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str) -> list[Batch]:
         names = tuple(self.signature.inputs)
@@ -203,19 +205,6 @@ class _Totals:
         filled = self.bin_count > 0
         gaps = (self.bin_confidence[filled] - self.bin_correct[filled]).abs()
         return {"accuracy": self.correct / self.count, "nll": nll, "ece": float(gaps.sum()) / self.count}
-
-
-def expected_calibration_error(confidence: list[float], correct: list[bool], bins: int = ECE_BINS) -> float:
-    """ECE by its definition, one sample at a time (the reference the batched sums are checked against)."""
-    total = 0.0
-    for b in range(bins):
-        low, high = b / bins, (b + 1) / bins
-        members = [i for i, c in enumerate(confidence) if (low < c <= high) or (b == 0 and c == 0.0)]
-        if members:
-            mean_confidence = sum(confidence[i] for i in members) / len(members)
-            accuracy = sum(correct[i] for i in members) / len(members)
-            total += len(members) / len(confidence) * abs(mean_confidence - accuracy)
-    return total
 
 
 def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:

@@ -159,9 +159,7 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
     if evaluator.evaluation.ingredients:
         probe = probe_module(spec.architecture, blend.device)  # type: ignore[arg-type]
         for ref in spec.ingredients:
-            tensors = ingredients[ref.name].tensors
-            state = {k: t.to(blend.dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-            alone[ref.name] = evaluator.score_all(evaluator.functional_forward(probe, state))
+            alone[ref.name] = evaluator.score_all(evaluator.functional_forward(probe, ingredients[ref.name].tensors))
     for split, values in scores.items():
         _log.info(
             "model %s: version %d on %r: %s",
@@ -192,10 +190,13 @@ def probe_module(arch: Architecture, device: torch.device) -> nn.Module:
     """A module to run functionally with other weights: free on the meta device unless it keeps
     buffers outside its state dict, which the supplied weights would not cover."""
     skeleton = instantiate(arch, "meta")
-    persistent = set(skeleton.state_dict())
-    if any(name not in persistent for name, _ in skeleton.named_buffers()):
-        return instantiate(arch, device).eval()
-    return skeleton.eval()
+    return instantiate(arch, device).eval() if _loose_buffers(skeleton) else skeleton.eval()
+
+
+def _loose_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` keeps buffers outside its state dict (no merged or supplied value fills them)."""
+    persistent = set(module.state_dict())
+    return any(name not in persistent for name, _ in module.named_buffers())
 
 
 def _stage(progress: Progress | None, start: float, width: float) -> Callable[[str, float], None]:
@@ -218,10 +219,7 @@ def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torc
     # The skeleton was built on the meta device so that big models cost no init time or memory;
     # merged tensors are assigned into it. Buffers outside the state dict have no merged value,
     # so such modules are built for real on the device instead.
-    persistent = set(skeleton.state_dict())
-    module = skeleton
-    if any(name not in persistent for name, _ in skeleton.named_buffers()):
-        module = instantiate(arch, device)
+    module = instantiate(arch, device) if _loose_buffers(skeleton) else skeleton
     tied = aliases(module)
     result = module.load_state_dict(merged, strict=False, assign=True)
     unexpected = list(result.unexpected_keys) + [k for k in result.missing_keys if k not in tied]

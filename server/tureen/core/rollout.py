@@ -67,7 +67,8 @@ def check_gate(
 
 @dataclass(frozen=True)
 class Prediction:
-    model: str
+    """What a version answered for one request id, remembered until its labels come back."""
+
     version: int
     classes: tuple[int, ...]
 
@@ -85,7 +86,7 @@ class OnlineAccuracy:
 
     def predicted(self, model: str, request_id: str, version: int, classes: Sequence[int]) -> None:
         with self._lock:
-            self._predictions[(model, request_id)] = Prediction(model, version, tuple(classes))
+            self._predictions[(model, request_id)] = Prediction(version, tuple(classes))
             self._predictions.move_to_end((model, request_id))
             while len(self._predictions) > self._remembered:
                 self._predictions.popitem(last=False)

@@ -70,7 +70,6 @@ class RolloutControl:
             self._canary_notes[model] = f"started: {canary.percent:g}% of traffic"
             if not follow and pointer is not None:
                 self.store.point(model, replace(pointer, canary=blend.version, by=by, at=time.time()))
-        self._observer.canary_changed(model, blend.version, canary.percent)
         _log.info("model %s: version %d is a canary taking %g%% of traffic", model, blend.version, canary.percent)
         self._bump()
         return blend
@@ -85,7 +84,6 @@ class RolloutControl:
         version = route.blend.version
         self._activate(model, version, by=by, write_pointer=True, canary=route)
         self._canary_notes[model] = f"promoted ({why})"
-        self._observer.canary_changed(model, 0, 0.0)
         self._observer.canary_decided(model, version, "promoted")
         _log.info("model %s: canary version %d promoted (%s)", model, version, why)
         return self.store.get(model, version)
@@ -108,7 +106,6 @@ class RolloutControl:
             if reject and still:
                 self.store.record(self.store.get(model, version), "rejected", reason=f"canary rolled back: {why}")
             self._canary_notes[model] = f"rolled back ({why})"
-        self._observer.canary_changed(model, 0, 0.0)
         self._observer.canary_decided(model, version, "rolled_back")
         _log.warning("model %s: canary version %d rolled back (%s)", model, version, why)
         self._bump()
@@ -153,11 +150,6 @@ class RolloutControl:
         if model not in self.repository.models():
             raise ModelNotFound(f"model {model!r} is not served here")
 
-    def _end_canary_here(self, model: str) -> None:
-        """Stop routing this process's share to the model's canary (the store says so, or an unload)."""
-        if self.repository.end_canary(model) is not None:
-            self._observer.canary_changed(model, 0, 0.0)
-
     def _follow_canary(self, model: str, pointer: Pointer) -> None:
         """Start or end the canary the store names, as another replica (or a restart) left it."""
         route = self.repository.canary(model)
@@ -167,7 +159,7 @@ class RolloutControl:
         if pointer.canary == 0:
             with self._model_lock(model):
                 if (self.store.pointer(model) or pointer).canary == 0:
-                    self._end_canary_here(model)
+                    self.repository.end_canary(model)
             self._bump()
             return
         try:
