@@ -23,6 +23,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
+from tureen.spec import resolve_paths
 from tureen.v1 import admin_pb2 as pb
 from tureen.v1 import admin_pb2_grpc
 
@@ -179,15 +180,7 @@ def load_document(spec: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str,
         raise SoupClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: not YAML or JSON: {exc}") from None
     if not isinstance(document, dict):
         raise SoupClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: expected a mapping at the top level")
-    evaluation = document.get("evaluation")
-    splits = evaluation.get("splits") if isinstance(evaluation, dict) else None
-    files = [*(document.get("ingredients") or []), *(splits.values() if isinstance(splits, dict) else [])]
-    for item in files:
-        if isinstance(item, dict) and isinstance(item.get("path"), str):
-            candidate = Path(item["path"]).expanduser()
-            if not candidate.is_absolute():
-                item["path"] = str((path.parent / candidate).resolve())
-    return document
+    return resolve_paths(document, path.parent.resolve())  # the server reads files; it has no idea of our folder
 
 
 def _who() -> str:

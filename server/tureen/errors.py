@@ -115,12 +115,6 @@ class OutOfMemory(SoupError):
     reason = "out_of_memory"
 
 
-class Unauthenticated(SoupError):
-    """A call that needs a bearer token came without the right one."""
-
-    reason = "unauthenticated"
-
-
 class EvaluationError(SoupError):
     """An evaluation set cannot score the model: missing tensors, wrong shapes, labels out of range, empty."""
 

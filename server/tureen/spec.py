@@ -429,7 +429,7 @@ def parse_spec(data: object, *, source: str | None = None, base_dir: Path | None
     if not isinstance(data, Mapping):
         raise SpecInvalid([f"(spec): expected a mapping at the top level, got {type(data).__name__}"], source)
     if base_dir is not None:
-        data = _resolve_paths(data, base_dir)
+        data = resolve_paths(data, base_dir)
     try:
         return SoupSpec.model_validate(data)
     except ValidationError as exc:
@@ -485,28 +485,27 @@ def _join(prefix: str, field: str) -> str:
     return f"{prefix}{field}" if field.startswith("[") else f"{prefix}.{field}"
 
 
-def _resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+def resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A copy of a spec document whose file paths (ingredients, evaluation splits, a Hugging Face
+    config folder) are relative to ``base_dir`` no longer; ``~`` is expanded."""
+
+    def at(path: str) -> str:
+        return str(base_dir / Path(path).expanduser())
+
+    def with_path(item: Any) -> Any:
+        ok = isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
+        return {**item, "path": at(item["path"])} if ok else item
+
     resolved = dict(data)
     architecture = resolved.get("architecture")
     if isinstance(architecture, Mapping) and isinstance(architecture.get("huggingface"), str):
-        resolved["architecture"] = {**architecture, "huggingface": str(base_dir / architecture["huggingface"])}
+        resolved["architecture"] = {**architecture, "huggingface": at(architecture["huggingface"])}
     evaluation = resolved.get("evaluation")
     if isinstance(evaluation, Mapping) and isinstance(evaluation.get("splits"), Mapping):
-        splits = {
-            name: {**item, "path": str(base_dir / item["path"])}
-            if isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
-            else item
-            for name, item in evaluation["splits"].items()
-        }
-        resolved["evaluation"] = {**evaluation, "splits": splits}
+        resolved["evaluation"] = {**evaluation, "splits": {n: with_path(i) for n, i in evaluation["splits"].items()}}
     ingredients = resolved.get("ingredients")
     if isinstance(ingredients, list):
-        resolved["ingredients"] = [
-            {**item, "path": str(base_dir / item["path"])}
-            if isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
-            else item
-            for item in ingredients
-        ]
+        resolved["ingredients"] = [with_path(item) for item in ingredients]
     return resolved
 
 

@@ -127,10 +127,12 @@ class BlendRepository:
         server that already serves others while its first blend builds.
         """
         with self._lock:
+            changed = model not in self._active or (expected and model not in self._expected)
             self._active.setdefault(model, None)
             if expected:
                 self._expected.add(model)
-        self._notify()
+        if changed:  # the store watcher declares every model on every poll: only news is told
+            self._notify()
 
     def swap(self, blend: Blend) -> Blend | None:
         """Make ``blend`` the one serving its model; return the blend it replaced."""

@@ -190,7 +190,9 @@ class Controller(RolloutControl):
             return self.activate(model, to, by)
         existing = set(self.store.version_numbers(model))
         history = [v for v in pointer.history if v in existing and v != pointer.version]
-        history = [v for v in history if self.store.get(model, v).state != "failed"]
+        # Newest first, stopping at the first that did not fail: usually one read, not the whole history.
+        while history and self.store.get(model, history[-1]).state == "failed":
+            history.pop()
         if not history:
             raise VersionConflict(f"model {model!r}: no earlier active version to roll back to (active: {pointer.version})")
         target = history[-1]
@@ -427,8 +429,9 @@ class Controller(RolloutControl):
                 resolution=stored.resolution,
             )
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
-            self._failed(stored, OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}"))
-            raise OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}") from None
+            failure = OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}")
+            self._failed(stored, failure)
+            raise failure from None
         except SoupError as exc:
             self._failed(stored, exc)
             raise

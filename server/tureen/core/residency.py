@@ -107,6 +107,6 @@ class Residency:
 def _size(nbytes: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+            break
         nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
+    return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"

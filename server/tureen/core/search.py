@@ -22,6 +22,7 @@ from tureen.core.evaluation import Batch, Evaluator, Scores
 from tureen.core.ingredients import Ingredient
 from tureen.core.recipe import mix
 from tureen.errors import SpecInvalid
+from tureen.merge.methods import SEARCHES
 from tureen.spec import MergeSpec, SoupSpec
 
 _log = logging.getLogger("tureen.search")
@@ -39,7 +40,7 @@ class Resolution:
 
 
 def needs_search(spec: SoupSpec) -> bool:
-    return spec.merge.method in ("greedy", "learned") or spec.merge.grid is not None
+    return spec.merge.method in SEARCHES or spec.merge.grid is not None
 
 
 def resolved_spec(spec: SoupSpec, merge: Mapping[str, Any]) -> SoupSpec:

@@ -23,7 +23,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,7 +155,7 @@ class SpecStore:
     def record(self, stored: StoredVersion, state: State, reason: str = "", **more: Any) -> StoredVersion:
         """Record a version's new build state (with ``build_seconds``, ``checksums``, ``evaluation``,
         ``ingredient_evaluation`` or ``resolution`` when known; the others are kept)."""
-        current = {
+        current: dict[str, Any] = {
             "state": state,
             "reason": reason,
             "build_seconds": stored.build_seconds,
@@ -165,9 +165,11 @@ class SpecStore:
             "resolution": stored.resolution,
         }
         current.update(more)
-        path = self._versions(stored.model) / f"{stored.version:08d}.state.json"
-        self._replace(path, current)
-        return self.get(stored.model, stored.version)
+        spec_file = self._versions(stored.model) / f"{stored.version:08d}.json"
+        if not spec_file.is_file():  # deleted meanwhile: no state file may outlive its spec
+            raise ModelNotFound(f"model {stored.model!r} has no version {stored.version}")
+        self._replace(spec_file.with_suffix(".state.json"), current)
+        return replace(stored, **current)
 
     def delete(self, model: str, version: int) -> None:
         """Forget a version that is not active."""

@@ -27,7 +27,6 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.StoreError: grpc.StatusCode.UNAVAILABLE,
     errors.VersionConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
