@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import tritonclient.grpc as grpcclient
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
@@ -136,13 +138,7 @@ def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subp
                 break
         yield process, grpc_port, metrics_port, lines
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
         reader.join(timeout=5)
         if scratch is not None:
             scratch.cleanup()
@@ -271,3 +267,29 @@ class NestedClassifier(torch.nn.Module):
 
 def nested() -> NestedClassifier:
     return NestedClassifier()
+
+
+def infer(client: grpcclient.InferenceServerClient, pixels: Any, **kwargs: Any) -> tuple[int, np.ndarray]:
+    """Send digits (a numpy array or tensor, [rows, 64]) through tritonclient: (model_version, logits).
+    ``model`` defaults to ``digits``; other keyword arguments go to ``client.infer``."""
+    array = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
+    tensor = grpcclient.InferInput("pixels", list(array.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    result = client.infer(kwargs.pop("model", "digits"), [tensor], **kwargs)
+    return int(result.get_response().model_version), result.as_numpy("logits")
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM a server process and wait for it; kill it if it does not stop in ``timeout`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def openssl(folder: Path, *args: str) -> None:
+    """Run the openssl CLI in ``folder`` (tests make their certificates with it)."""
+    subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)

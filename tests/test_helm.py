@@ -33,7 +33,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from helpers import ROOT, write_ingredients
+from helpers import ROOT, openssl, stop, write_ingredients
 from tureen import __version__
 from tureen.cli import build_parser
 from tureen.demo.train import load_split
@@ -509,13 +509,7 @@ def running(pod: LocalPod, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout=15)
 
 
 def wait_for(check: Any, process: subprocess.Popen[bytes], log: Path, timeout: float, what: str) -> None:
@@ -596,10 +590,8 @@ def make_tls_secret(folder: Path) -> dict[str, bytes]:
     """cert-manager's layout: a server certificate (also good for client auth) for the Service's name, and its CA."""
     folder.mkdir()
 
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
     openssl(
+        folder,
         "req",
         "-x509",
         "-newkey",
@@ -614,11 +606,14 @@ def make_tls_secret(folder: Path) -> dict[str, bytes]:
         "-out",
         "ca.crt",
     )
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={SERVER_NAME}", "-keyout", "tls.key", "-out", "tls.csr")
+    openssl(
+        folder, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={SERVER_NAME}", "-keyout", "tls.key", "-out", "tls.csr"
+    )
     (folder / "ext.cnf").write_text(
         f"subjectAltName=DNS:{SERVER_NAME},DNS:{RELEASE}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
     )
     openssl(
+        folder,
         "x509",
         "-req",
         "-in",
@@ -700,8 +695,10 @@ def test_the_image_copies_what_exists_and_runs_tureen_serve_as_a_user() -> None:
         for path in source.split():
             assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which is not in the repository"
             assert f"!{path}" in (ROOT / ".dockerignore").read_text(), f".dockerignore leaves out {path}"
-    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)[-1]
-    assert user.split(":")[0] not in {"root", "0"}
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)[-1].split(":")[0]
+    for name, default in re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M):  # USER ${TUREEN_UID}: its value
+        user = user.replace(f"${{{name}}}", default)
+    assert user not in {"root", "0", ""} and "$" not in user, user
     entrypoint = json.loads(re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.M)[-1])
     cmd = json.loads(re.findall(r"^CMD (.+)$", dockerfile, re.M)[-1])
     assert entrypoint[0] == "tureen"

@@ -26,7 +26,18 @@ import tritonclient.grpc as grpcclient
 from safetensors.torch import save_file
 from tureen_client import SoupClient, SoupClientError
 
-from helpers import accuracy, digits_spec, mlp_logits, prototype_rows, prototype_state, prototypes, running_app, sample, scrape
+from helpers import (
+    accuracy,
+    digits_spec,
+    infer,
+    mlp_logits,
+    prototype_rows,
+    prototype_state,
+    prototypes,
+    running_app,
+    sample,
+    scrape,
+)
 from helpers import write_spec as _write_spec
 from tureen.app import App
 from tureen.spec import load_spec
@@ -80,13 +91,6 @@ def serving(kitchen: Kitchen) -> Iterator[tuple[App, SoupClient, grpcclient.Infe
         address = f"127.0.0.1:{app.grpc_port}"
         with SoupClient(address) as soups, grpcclient.InferenceServerClient(address) as client:
             yield app, soups, client
-
-
-def infer(client: grpcclient.InferenceServerClient, pixels: torch.Tensor, **kwargs: Any) -> tuple[int, np.ndarray]:
-    tensor = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
-    tensor.set_data_from_numpy(pixels.numpy())
-    result = client.infer(kwargs.pop("model", "digits"), [tensor], **kwargs)
-    return int(result.get_response().model_version), result.as_numpy("logits")
 
 
 def model_status(soups: SoupClient) -> dict[str, Any]:

@@ -7,7 +7,6 @@ inference and ``tureen_client`` (the operator library) for the admin API.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,8 +22,18 @@ from safetensors.torch import save_file
 from tritonclient.utils import InferenceServerException
 from tureen_client import SoupClient, SoupClientError
 
-from helpers import digits_spec, hand_average, running_app, sample, scrape, write_ingredients, write_spec
-from tureen.demo.models import DigitsMLP
+from helpers import (
+    digits_spec,
+    hand_average,
+    infer,
+    mlp_logits,
+    openssl,
+    running_app,
+    sample,
+    scrape,
+    write_ingredients,
+    write_spec,
+)
 from tureen.spec import load_spec
 
 NAMES = ["ft-0", "ft-1", "ft-2"]
@@ -36,10 +45,7 @@ def weights_of(k: int) -> dict[str, float]:
 
 
 def bare_forward(states: dict, weights: dict[str, float], x: np.ndarray) -> np.ndarray:
-    module = DigitsMLP(hidden=8)
-    module.load_state_dict({k: v.float() for k, v in hand_average(states, weights).items()})
-    with torch.inference_mode():
-        return module(torch.from_numpy(x))["logits"].numpy()
+    return mlp_logits(hand_average(states, weights), torch.from_numpy(x), hidden=8).numpy()
 
 
 @pytest.fixture
@@ -50,13 +56,6 @@ def soup(tmp_path: Path) -> tuple[Path, dict]:
 
 def spec_file(folder: Path, k: int) -> Path:
     return write_spec(folder, digits_spec(NAMES, merge={"weights": weights_of(k)}), f"v{k}.yaml")
-
-
-def infer(client: grpcclient.InferenceServerClient, x: np.ndarray, **kwargs: Any) -> tuple[int, np.ndarray]:
-    tensor = grpcclient.InferInput("pixels", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
-    result = client.infer("digits", [tensor], **kwargs)
-    return int(result.get_response().model_version), result.as_numpy("logits")
 
 
 def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_blends(soup: tuple[Path, dict]) -> None:
@@ -281,10 +280,8 @@ def test_swaps_builds_and_failures_are_counted_in_the_metrics(soup: tuple[Path, 
 def make_certificates(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
 
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
     openssl(
+        folder,
         "req",
         "-x509",
         "-newkey",
@@ -301,9 +298,22 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     )
     (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(
+            folder,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
         extra = ["-extfile", "san.ext"] if name == "server" else []
         openssl(
+            folder,
             "x509",
             "-req",
             "-in",
@@ -353,14 +363,15 @@ def test_tls_with_client_certificates_serves_both_apis_and_refuses_clients_witho
 def test_no_room_for_a_second_blend_fails_the_push_unless_in_place(soup: tuple[Path, dict]) -> None:
     folder, states = soup
     x = np.random.default_rng(4).uniform(0, 16, size=(2, 64)).astype(np.float32)
-    with running_app([load_spec(spec_file(folder, 1))], blend_memory_bytes=4000) as app:  # one blend is 2728 bytes
+    blend = sum(t.numel() * t.element_size() for t in states["ft-0"].values())  # float32, as the blend
+    with running_app([load_spec(spec_file(folder, 1))], blend_memory_bytes=blend + blend // 2) as app:  # room for one
         address = f"127.0.0.1:{app.grpc_port}"
         client = grpcclient.InferenceServerClient(address)
         with SoupClient(address) as soups:
             with pytest.raises(SoupClientError) as caught:
                 soups.push(spec_file(folder, 2), wait=True)
             assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "the blend needs 2.7 KiB" in str(caught.value) and "--blend-memory-mb" in str(caught.value)
+            assert f"the blend needs {blend / 1024:.1f} KiB" in str(caught.value) and "--blend-memory-mb" in str(caught.value)
             assert infer(client, x)[0] == 1
             assert soups.push(spec_file(folder, 3), wait=True, in_place=True)["state"] == "active"
             version, logits = infer(client, x)

@@ -23,16 +23,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from tureen.core.architecture import aliases, instantiate, interface_of
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
-from tureen.core.kitchen import Kitchen, probe_module
+from tureen.core.kitchen import Kitchen, probe_module, run_search
 from tureen.core.observer import NullObserver
 from tureen.core.recipe import check_compatible, mix
-from tureen.core.search import needs_search, resolved_spec, search
+from tureen.core.search import needs_search, resolved_spec
 from tureen.core.signature import Signature
 from tureen.errors import SoupError
 from tureen.spec import SoupSpec
@@ -143,20 +142,18 @@ def _evaluate(
     evaluator = Evaluator(spec.evaluation, Signature(interface_of(spec, skeleton)), device, dtype)
     probe = probe_module(spec.architecture, device)
     models = {name: ingredient.tensors for name, ingredient in ingredients.items()}
-    models |= _soups(spec, ingredients, uniform, probe, evaluator, result.notes)
-
-    def forward(state: State) -> Any:
-        return evaluator.functional_forward(probe, state)
-
+    models |= _soups(spec, ingredients, uniform, device, evaluator, result.notes)
     result.metric = evaluator.metric
-    result.scores = {name: evaluator.score_all(forward(state)) for name, state in models.items()}
+    result.scores = {name: evaluator.score_all(evaluator.functional_forward(probe, state)) for name, state in models.items()}
     chosen = split or evaluator.selected
     if between is None:
         best = max(spec.mixed, key=lambda ref: evaluator.value(result.scores[ref.name][chosen])).name
         between = (spec.merge.base or best, SOUP)
     start, end = models[between[0]], models[between[1]]
     alphas = [i / (points - 1) for i in range(points)]
-    sweep = [evaluator.score(forward(interpolate(start, end, alpha)), chosen) for alpha in alphas]
+    # The ends are the two models themselves, scored above; only the points between run again.
+    inner = [evaluator.score(evaluator.functional_forward(probe, interpolate(start, end, a)), chosen) for a in alphas[1:-1]]
+    sweep = [result.scores[between[0]][chosen], *inner, result.scores[between[1]][chosen]]
     result.sweep = Sweep(between[0], between[1], chosen, evaluator.metric, alphas, sweep)
     return result
 
@@ -165,14 +162,14 @@ def _soups(
     spec: SoupSpec,
     ingredients: Mapping[str, Ingredient],
     uniform: State,
-    probe: nn.Module,
+    device: torch.device,
     evaluator: Evaluator,
     notes: list[str],
 ) -> dict[str, State]:
     """The spec's soup, as the server would build it, and the uniform soup unless that is the same."""
     recipe = spec
     if needs_search(spec):  # searched the way a build searches, on the same split and metric
-        found = search(spec, ingredients, probe, evaluator, lambda line, _: _log.info("%s", line))
+        found = run_search(spec, ingredients, device, evaluator, lambda line, _: _log.info("%s", line))
         recipe = resolved_spec(spec, found.merge)
         notes.append(f"the soup is the {spec.merge.method} search's result: {dict(found.merge)}")
     soup = mix(recipe, ingredients, quiet=True)

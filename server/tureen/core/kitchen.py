@@ -64,7 +64,7 @@ class Kitchen:
             skeleton = instantiate(spec.architecture, "meta")
             signature = Signature(interface_of(spec, skeleton))
             evaluator = Evaluator(spec.evaluation, signature, self.pool.device, BLEND_DTYPES[spec.dtype])
-            found = _searched(spec, ingredients, self.pool.device, evaluator, _stage(None, 0.0, 1.0))
+            found = run_search(spec, ingredients, self.pool.device, evaluator, _stage(None, 0.0, 1.0))
             spec = resolved_spec(spec, found.merge)
         return mix(spec, ingredients, kernels=self.kernels)
 
@@ -104,7 +104,7 @@ class Kitchen:
         if needs_search(spec):
             assert evaluator is not None  # the spec requires an evaluation section for a search
             if resolution is None:
-                found = _searched(spec, ingredients, device, evaluator, _stage(progress, 0.6, 0.2))
+                found = run_search(spec, ingredients, device, evaluator, _stage(progress, 0.6, 0.2))
                 resolution = {"merge": found.merge, "log": found.log}
             recipe = resolved_spec(spec, resolution["merge"])
         if progress is not None:
@@ -171,10 +171,11 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
     return replace(blend, evaluation=scores, ingredient_evaluation=alone)
 
 
-def _searched(
+def run_search(
     spec: SoupSpec, ingredients: Mapping[str, Ingredient], device: torch.device, evaluator: Evaluator, report: Progress
 ) -> Resolution:
-    """Run the spec's search; failures of the search itself come back as errors naming the method."""
+    """Run the spec's search (greedy, learned, a grid); failures of the search itself come back as
+    ``SoupError``s naming the method, never as tracebacks."""
     assert spec.architecture is not None
     try:
         return search(spec, ingredients, probe_module(spec.architecture, device), evaluator, report)

@@ -120,6 +120,7 @@ def task_vector_kernel(
 
 _lock = threading.Lock()  # compiling is not thread-safe; calls after it are short
 _compiled: dict[tuple[Any, ...], Callable[..., None] | None] = {}
+_runs: dict[str, int] = {}  # successful compiled calls by kernel name
 
 
 def run_compiled(kernel: Callable[..., None], signature: tuple[Any, ...], *args: Any, **static: Any) -> bool:
@@ -136,7 +137,7 @@ def run_compiled(kernel: Callable[..., None], signature: tuple[Any, ...], *args:
         compiled = _compiled.get(key)
         if compiled is None:
             _log.info("compiling the fused %s for %s (once per process)", kernel.__name__.replace("_", " "), signature)
-            compiled = torch.compile(_fresh(kernel, len(_compiled)), dynamic=True, fullgraph=True)
+            compiled = _compiled[key] = torch.compile(_fresh(kernel, len(_compiled)), dynamic=True, fullgraph=True)
         try:
             compiled(*args, **static)
         except Exception as exc:  # no compiler, an unsupported device: the eager path is always there
@@ -144,14 +145,14 @@ def run_compiled(kernel: Callable[..., None], signature: tuple[Any, ...], *args:
             _log.warning("fused %s unavailable (%s); merging eagerly", kernel.__name__.replace("_", " "), reason)
             _compiled[key] = None
             return False
-        _compiled[key] = compiled
+        _runs[kernel.__name__] = _runs.get(kernel.__name__, 0) + 1
         return True
 
 
-def compiled_kernels() -> list[str]:
-    """The kernels compiled so far in this process, one line per signature."""
+def compiled_runs(kernel: str) -> int:
+    """How many times ``kernel`` has run compiled in this process (a fallback to eager does not count)."""
     with _lock:
-        return [f"{name} {sig} {dict(static)}" for (name, sig, static), fn in _compiled.items() if fn is not None]
+        return _runs.get(kernel, 0)
 
 
 def signature(tensors: Sequence[torch.Tensor], *more: object) -> tuple[object, ...]:
