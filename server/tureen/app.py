@@ -98,9 +98,7 @@ class App:
         )
         for spec, source in zip(self.specs, self.sources, strict=True):
             self.controller.seed(spec, source)
-        for model in self.store.models():
-            pointer = self.store.pointer(model)  # None: just seeded; version 0: unloaded on purpose
-            self.repository.declare(model, expected=pointer is None or pointer.version != 0)
+        self.controller.declare_stored()
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: Endpoint | None = None

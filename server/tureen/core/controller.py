@@ -121,6 +121,13 @@ class Controller(RolloutControl):
         self._seeded[spec.model] = stored.version
         return stored
 
+    def declare_stored(self) -> None:
+        """Make every stored model known (UNAVAILABLE until built); those that should serve after
+        start-up hold readiness back until they do, a model unloaded on purpose does not."""
+        for model in self.store.models():
+            pointer = self.store.pointer(model)  # None: just seeded
+            self.repository.declare(model, expected=pointer is None or pointer.version != 0)
+
     def restore(self, where: Mapping[str, str] | None = None) -> list[Blend]:
         """Declare every stored model and build its active (or just seeded) version; the first
         failure raises, prefixed with ``where[model]`` (the spec file it was seeded from) when given."""

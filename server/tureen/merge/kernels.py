@@ -118,7 +118,7 @@ def task_vector_kernel(
     out.copy_(b + lam * merged)
 
 
-_lock = threading.Lock()  # compiling is not thread-safe; calls after it are short
+_lock = threading.Lock()  # compiling is not thread-safe and may happen on any call; builds run one at a time anyway
 _compiled: dict[tuple[Any, ...], Callable[..., None] | None] = {}
 _runs: dict[str, int] = {}  # successful compiled calls by kernel name
 
