@@ -9,6 +9,7 @@ Kubernetes JSON schemas. Both come with the dev extra; nothing is downloaded at 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
+from tureen_client import SoupClient, SoupClientError, read_token
 
 from helpers import ROOT, openssl, stop, write_ingredients
 from tureen import __version__
@@ -155,7 +157,7 @@ def test_chart_app_version_is_the_package_version() -> None:
 
 def test_defaults_render_a_single_demo_pod_with_its_volumes_and_probes() -> None:
     objects = render()
-    assert {o["kind"] for o in objects} == CORE_KINDS
+    assert {o["kind"] for o in objects} == CORE_KINDS | {"Secret"}  # the generated admin token
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # ReadWriteOnce claims: no surge pod beside the old one
@@ -181,6 +183,27 @@ def test_defaults_render_a_single_demo_pod_with_its_volumes_and_probes() -> None
         ("metrics", 8002, "metrics"),
     }
     assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": 8001, "metrics": 8002}
+
+
+def test_defaults_generate_an_admin_token_the_pod_reads_and_confine_pushed_specs() -> None:
+    """No admin Secret named: the chart makes one with a random token; the pod mounts it and passes
+    it as --admin-token-file; pushed specs may read the ingredients volume only."""
+    objects = render()
+    secret = one(objects, "Secret", f"{RELEASE}-admin-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    assert base64.b64decode(one(render(), "Secret")["data"]["token"]).decode() != token  # random, not a constant
+    volumes = {v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["admin-token"]["secret"]["secretName"] == secret["metadata"]["name"]
+    main = container(objects)
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert f"--admin-token-file={mounts['admin-token']}/token" in main["args"]
+    assert f"--ingredient-root={INGREDIENTS}" in main["args"]
+    assert not [o for o in render({"auth": {"adminToken": {"generate": False}}}) if o["kind"] == "Secret"]
+    opened = container(render({"auth": {"adminToken": {"generate": False}}, "server": {"adminAllowFrom": ["10.0.0.0/8"]}}))
+    assert (
+        not any(a.startswith("--admin-token-file") for a in opened["args"]) and "--admin-allow-from=10.0.0.0/8" in opened["args"]
+    )
 
 
 def test_full_options_render_every_object() -> None:
@@ -477,6 +500,7 @@ def local_pod(objects: list[dict[str, Any]], root: Path, secrets: Mapping[str, M
     main = container(objects)
     volumes = {v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     configmaps = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "ConfigMap"}
+    rendered = {o["metadata"]["name"]: o["data"] for o in objects if o["kind"] == "Secret"}  # the chart's own
     mounts = {m["mountPath"]: root / m["name"] for m in main["volumeMounts"]}
     for folder in mounts.values():
         folder.mkdir(parents=True)
@@ -488,7 +512,8 @@ def local_pod(objects: list[dict[str, Any]], root: Path, secrets: Mapping[str, M
             for file, text in configmaps[volume["configMap"]["name"]].items():
                 (folder / file).write_text(pod.local(text))
         elif "secret" in volume:
-            data = secrets[volume["secret"]["secretName"]]
+            name = volume["secret"]["secretName"]
+            data = secrets[name] if name in secrets else {k: base64.b64decode(v) for k, v in rendered[name].items()}
             items = volume["secret"].get("items") or [{"key": key, "path": key} for key in data]
             for item in items:
                 (folder / item["path"]).write_bytes(data[item["key"]])
@@ -560,6 +585,10 @@ def probe_passes(pod: LocalPod, name: str) -> bool:
     return tcp_probe_passes(pod, probe)
 
 
+def main_args(pod: LocalPod) -> list[str]:
+    return [str(arg) for arg in pod.container["args"]]
+
+
 def test_the_default_command_line_serves_the_demo(tmp_path: Path) -> None:
     """The rendered container, run here: its startup and readiness probes pass once the demo's first
     blend is built, and the blend answers inference on the ports the Service names."""
@@ -582,6 +611,13 @@ def test_the_default_command_line_serves_the_demo(tmp_path: Path) -> None:
             scrape = b"".join(iter(lambda: metrics.recv(65536), b"")).decode()
         assert 'tureen_active_version{model="digits"}' in scrape
         assert (pod.mounts["/var/lib/tureen/store"] / "models" / "digits" / "active.json").is_file()  # the store is on its volume
+        # Admin calls need the token the chart generated, even from loopback; the pod has it mounted.
+        token_file = pod.local(next(a for a in main_args(pod) if a.startswith("--admin-token-file=")).partition("=")[2])
+        with SoupClient(f"127.0.0.1:{pod.grpc_port}") as anonymous, pytest.raises(SoupClientError) as refused:
+            anonymous.versions("digits")
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with SoupClient(f"127.0.0.1:{pod.grpc_port}", token=read_token(token_file)) as admin:
+            assert admin.versions("digits")[0]["version"] == "1"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0, log.read_text()[-4000:]
 

@@ -9,8 +9,10 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
+from tureen.core.access import Access, networks
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.devices import resolve_device
@@ -18,6 +20,7 @@ from tureen.core.engine import Engine
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
+from tureen.core.policy import SpecPolicy, pattern_problem
 from tureen.core.store import SpecStore
 from tureen.errors import SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
@@ -48,13 +51,21 @@ class Settings:
     poll_seconds: float = 1.0
     """How often the store is read for versions other replicas activated."""
     admin_token: str | None = None
-    """Bearer token the admin RPCs require; None leaves them open."""
+    """Bearer token the admin RPCs require; None: they are served to ``admin_allow_from`` only."""
     inference_token: str | None = None
     """Bearer token inference requires; None leaves it open."""
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     """With a client CA, clients must present a certificate it signed (mTLS)."""
+    admin_allow_from: tuple[str, ...] | None = None
+    """CIDRs admin calls are served to; None: loopback, and only when there is no admin token."""
+    insecure_open_admin: bool = False
+    """Without an admin token, serve admin calls to every peer (Tureen's behaviour before 0.2)."""
+    allow_factories: tuple[str, ...] = ()
+    """``module:callable`` globs a pushed spec may name, besides Tureen's own and the start-up specs'."""
+    ingredient_roots: tuple[str, ...] = ()
+    """Folders a pushed spec may read files from, besides those of the start-up specs."""
 
 
 class App:
@@ -74,6 +85,8 @@ class App:
                 raise SpecInvalid([f"model: {spec.model!r} is also served by spec {seen[spec.model]}"], source)
             seen[spec.model] = source
         self.settings = settings
+        self.access = _access(settings)
+        self.policy = _policy(settings, self.specs, self.sources)
         self.device = resolve_device(settings.device)
         self.metrics = PrometheusObserver()
         observer = SafeObserver(self.metrics)
@@ -95,6 +108,7 @@ class App:
             poll_seconds=settings.poll_seconds,
             memory_limit=settings.blend_memory_bytes,
             online=self.engine.online,
+            policy=self.policy,
         )
         for spec, source in zip(self.specs, self.sources, strict=True):
             self.controller.seed(spec, source)
@@ -117,8 +131,7 @@ class App:
                 port=s.grpc_port,
                 max_message_bytes=s.max_message_bytes,
                 workers=s.grpc_workers,
-                admin_token=s.admin_token,
-                inference_token=s.inference_token,
+                access=self.access,
                 tls=_tls(s),
             )
         except OSError:
@@ -128,6 +141,12 @@ class App:
         self._grpc.start()
         _log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         _log.info("gRPC (KServe v2 inference, health, reflection) on %s:%d, device %s", s.host, self.grpc_port, self.device)
+        if self.access.admin_open_to_all:
+            _log.warning(
+                "--insecure-open-admin: admin calls (push, activate, delete...) are served to every peer that "
+                "reaches port %d, with no token; anyone there can change what this server serves",
+                self.grpc_port,
+            )
 
     def build_all(self) -> list[Blend]:
         """Build every stored model's active version and swap it in (the first failure raises),
@@ -149,6 +168,20 @@ class App:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+def _access(settings: Settings) -> Access:
+    allow_from = networks(settings.admin_allow_from) if settings.admin_allow_from is not None else None
+    return Access(settings.admin_token, settings.inference_token, allow_from, settings.insecure_open_admin)
+
+
+def _policy(settings: Settings, specs: Sequence[SoupSpec], sources: Sequence[str]) -> SpecPolicy:
+    """The operator's flags, plus the start-up specs' factories and the folders of their files."""
+    for pattern in settings.allow_factories:
+        if (problem := pattern_problem(pattern)) is not None:
+            raise SoupError(f"--allow-factory: {problem}")
+    folders = [*settings.ingredient_roots, *(str(Path(s).parent) for s in sources if Path(s).is_file())]
+    return SpecPolicy.of(settings.allow_factories, folders, specs)
 
 
 def _tls(settings: Settings) -> Tls | None:

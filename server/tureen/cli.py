@@ -111,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="require this bearer token for inference too (default: $TUREEN_INFERENCE_TOKEN, if set)",
     )
+    serve.add_argument(
+        "--admin-allow-from",
+        action="append",
+        metavar="CIDR",
+        help="peers admin calls are served to; repeatable (default without a token: 127.0.0.0/8 and ::1; "
+        "with a token, any peer holding it)",
+    )
+    serve.add_argument(
+        "--insecure-open-admin",
+        action="store_true",
+        help="without an admin token, serve admin calls to every peer that reaches the port (logs a warning)",
+    )
+    serve.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a module:callable glob that pushed specs may name as a factory, e.g. 'mycompany.models:*'; "
+        "repeatable (always allowed: tureen.demo.models:*, the Hugging Face builder, the start-up specs' factories)",
+    )
+    serve.add_argument(
+        "--ingredient-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder pushed specs may read ingredients, evaluation sets and configs from; repeatable "
+        "(always allowed: the folders of the start-up specs and of the files they name, the demo folder)",
+    )
     serve.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate (PEM), with --tls-key")
     serve.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
     serve.add_argument("--tls-client-ca", metavar="F", help="require client certificates signed by this CA (mTLS)")
@@ -188,6 +216,13 @@ def _token(path: str | None, env: str, flag: str) -> str | None:
     return os.environ.get(env) or None
 
 
+def _folders(paths: Sequence[str]) -> list[str]:
+    for path in paths:
+        if not Path(path).is_dir():
+            raise SoupError(f"--ingredient-root: {path} is not a folder")
+    return list(paths)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tureen.app import App, Settings
     from tureen.core.devices import resolve_device
@@ -223,6 +258,10 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        admin_allow_from=tuple(args.admin_allow_from) if args.admin_allow_from else None,
+        insecure_open_admin=args.insecure_open_admin,
+        allow_factories=tuple(args.allow_factory),
+        ingredient_roots=tuple(_folders(args.ingredient_root)),
     )
     app = App(specs, settings, sources)
     stopping = threading.Event()

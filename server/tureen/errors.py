@@ -85,7 +85,7 @@ class BlendNotReady(SoupError):
 
 
 class InvalidRequest(SoupError):
-    """An inference request does not fit the model's tensor interface."""
+    """A request does not fit: a tensor outside the model's interface, a malformed model name."""
 
     reason = "invalid_argument"
 
@@ -94,6 +94,19 @@ class InferenceFailed(SoupError):
     """The blend's forward pass raised; the blend keeps serving other requests."""
 
     reason = "internal"
+
+
+class PermissionDenied(SoupError):
+    """The operator's flags do not allow this: a pushed spec naming code or files outside what
+    the server was started with, an admin call from a peer outside ``--admin-allow-from``."""
+
+    reason = "permission_denied"
+
+
+class Unauthenticated(SoupError):
+    """A call that needs a bearer token came without the right one."""
+
+    reason = "unauthenticated"
 
 
 class StoreError(SoupError):

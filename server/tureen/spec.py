@@ -15,18 +15,41 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tureen.errors import SpecInvalid
 from tureen.merge.methods import MethodDecl, declaration
 
 API_VERSION = "tureen/v1"
-DATATYPES = ("BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64")
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_MODEL_NAMES = ("liveness", "inference.GRPCInferenceService")
 """Health service names of their own (each model name is one too, so these cannot be models)."""
+MAX_NAME = 128
+"""Longest model name: names become store folders, metric labels and health service names."""
+MAX_INGREDIENTS = 256
+MAX_SPEC_BYTES = 1024 * 1024
+"""Largest spec document a transport accepts (its JSON text, in bytes)."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a model's name, or None when it can."""
+    if len(name) > MAX_NAME:
+        return f"names are at most {MAX_NAME} characters, got {len(name)}"
+    if not re.match(NAME_PATTERN, name):
+        return "names are letters, digits, '_', '.' or '-', and start with a letter or digit"
+    return None
 
 
 class FieldProblems(ValueError):
@@ -54,6 +77,11 @@ class FrozenDict(dict):  # type: ignore[type-arg]
 
 def _frozen_dict(value: dict[str, Any]) -> dict[str, Any]:
     return FrozenDict(value)
+
+
+FACTORY_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+Kwargs = Annotated[dict[str, JsonValue], AfterValidator(_frozen_dict)]
+"""A factory's keyword arguments: plain data (numbers, strings, booleans, lists, maps), never objects."""
 
 
 class _Frozen(BaseModel):
@@ -104,8 +132,9 @@ class Interface(_Frozen):
 class Architecture(_Frozen):
     """How to build the ``nn.Module`` the merged weights go into: a factory, or a HF config."""
 
-    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
+    factory: str | None = Field(default=None, pattern=FACTORY_PATTERN)
+    """``module:callable``; a pushed spec may name only those the operator allows (``--allow-factory``)."""
+    kwargs: Kwargs = Field(default_factory=FrozenDict)
     huggingface: str | None = Field(default=None, min_length=1)
     """A directory with a Hugging Face ``config.json`` (relative to the spec file)."""
     task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
@@ -174,9 +203,9 @@ class EvalSet(_Frozen):
 
     path: str | None = Field(default=None, min_length=1)
     """A safetensors file (relative to the spec file): a tensor per model input, plus the labels."""
-    factory: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    factory: str | None = Field(default=None, pattern=FACTORY_PATTERN)
     """``module:callable`` returning an iterable of batches (mappings of tensor name to tensor)."""
-    kwargs: Annotated[dict[str, Any], AfterValidator(_frozen_dict)] = Field(default_factory=FrozenDict)
+    kwargs: Kwargs = Field(default_factory=FrozenDict)
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalSet:
@@ -282,13 +311,15 @@ class SoupSpec(_Frozen):
 
     @field_validator("model")
     @classmethod
-    def _not_reserved(cls, model: str) -> str:
+    def _name(cls, model: str) -> str:
+        if (problem := name_problem(model)) is not None:
+            raise ValueError(problem)
         if model in RESERVED_MODEL_NAMES:
             raise ValueError(f"{model!r} is a name the health service reports on; choose another model name")
         return model
 
     interface: Interface | None = None
-    ingredients: tuple[IngredientRef, ...] = Field(min_length=1)
+    ingredients: tuple[IngredientRef, ...] = Field(min_length=1, max_length=MAX_INGREDIENTS)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     dtype: Dtype = "float32"
     evaluation: Evaluation | None = None
@@ -469,6 +500,9 @@ def _message(err: Any) -> str:
         return "required field is missing"
     if err["type"] == "extra_forbidden":
         return "unknown field"
+    if err["type"] == "too_long":
+        ctx = err.get("ctx") or {}
+        return f"at most {ctx.get('max_length')} entries, got {ctx.get('actual_length')}"
     return str(err["msg"]).removeprefix("Value error, ")
 
 

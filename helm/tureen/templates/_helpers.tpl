@@ -66,6 +66,13 @@ app.kubernetes.io/component: server
 {{- default (printf "%s.%s.svc" (include "tureen.fullname" .) .Release.Namespace) .Values.tls.serverName }}
 {{- end }}
 
+{{/* The Secret holding the admin token: the operator's, or the one the chart generates; empty: no token. */}}
+{{- define "tureen.adminTokenSecret" -}}
+{{- if .Values.auth.adminToken.existingSecret }}{{ .Values.auth.adminToken.existingSecret }}
+{{- else if .Values.auth.adminToken.generate }}{{ include "tureen.fullname" . }}-admin-token
+{{- end }}
+{{- end }}
+
 {{/* Paths inside the container. */}}
 {{- define "tureen.specsDir" -}}/etc/tureen/specs{{- end }}
 {{- define "tureen.adminTokenDir" -}}/etc/tureen/admin-token{{- end }}
@@ -125,10 +132,15 @@ Secrets that features read from must be named.
 {{- range $file, $_ := .Values.specs }}
 - --spec={{ include "tureen.specsDir" $ }}/{{ $file }}
 {{- end }}
-{{- with .Values.auth.adminToken }}
-{{- if .existingSecret }}
-- --admin-token-file={{ include "tureen.adminTokenDir" $ }}/{{ .key }}
+{{- if include "tureen.adminTokenSecret" . }}
+- --admin-token-file={{ include "tureen.adminTokenDir" . }}/{{ .Values.auth.adminToken.key }}
 {{- end }}
+- --ingredient-root={{ .Values.persistence.ingredients.mountPath }}
+{{- range .Values.server.allowFactories }}
+- --allow-factory={{ . }}
+{{- end }}
+{{- range .Values.server.adminAllowFrom }}
+- --admin-allow-from={{ . }}
 {{- end }}
 {{- with .Values.auth.inferenceToken }}
 {{- if .existingSecret }}

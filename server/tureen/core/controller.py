@@ -24,6 +24,7 @@ from typing import Any
 from tureen.core.blends import Blend, BlendRepository, CanaryRoute
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import Observer
+from tureen.core.policy import SpecPolicy
 from tureen.core.residency import Residency
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.rollout_control import RolloutControl
@@ -84,9 +85,12 @@ class Controller(RolloutControl):
         poll_seconds: float = 1.0,
         memory_limit: int | None = None,
         online: OnlineAccuracy | None = None,
+        policy: SpecPolicy | None = None,
     ) -> None:
-        """``memory_limit``: bytes all blends (active and kept) may hold on the device together."""
+        """``memory_limit``: bytes all blends (active and kept) may hold on the device together.
+        ``policy``: what a pushed spec may name (default: Tureen's own factories, no files)."""
         self.store = store
+        self.policy = policy if policy is not None else SpecPolicy()
         self.kitchen = kitchen
         self.repository = repository
         self._observer = observer

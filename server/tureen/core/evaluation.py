@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tureen.core.architecture import outputs_by_name
+from tureen.core.ingredients import decoder_detail
 from tureen.core.signature import Signature
 from tureen.errors import EvaluationError, EvaluationMissing, OutOfMemory, SoupError
 from tureen.spec import HIGHER_IS_BETTER, EvalSet, Evaluation
@@ -215,7 +216,7 @@ def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
         try:
             return [load_file(str(path))]
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EvaluationError(f"{where}.path: not a readable safetensors file: {exc}") from None
+            raise EvaluationError(f"{where}.path: not a readable safetensors file: {decoder_detail(exc)}") from None
     module_name, _, attribute = str(source.factory).partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)

@@ -27,8 +27,9 @@ def build(directory: str, task: str) -> nn.Module:
     if not (Path(directory) / "config.json").is_file():
         raise ArchitectureError(f"architecture.huggingface: {directory} has no config.json")
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = getattr(transformers, TASKS[task]).from_config(config)
+        # Code shipped beside a config (``auto_map``) never runs: no remote code, no download.
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        model = getattr(transformers, TASKS[task]).from_config(config, trust_remote_code=False)
     except Exception as exc:
         raise ArchitectureError(f"architecture.huggingface: cannot build a {task} model from {directory}: {exc}") from None
     model.tureen_interface = interface(task, config)

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -143,12 +144,20 @@ def checkpoint_files(path: Path, where: str) -> list[Path]:
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise IngredientCorrupt(f"{where}: {index_name} is not a readable shard index: {exc}") from None
+            if not all(isinstance(shard, str) and _inside(shard) for shard in shards):
+                # The index is data: it may not send the read to a file outside its directory.
+                raise IngredientCorrupt(f"{where}: {index_name} names a shard outside the directory")
             return [path / shard for shard in shards]
         if (path / single).is_file():
             return [path / single]
     raise IngredientMissing(
         f"{where}: directory has no model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index"
     )
+
+
+def _inside(shard: str) -> bool:
+    relative = Path(shard)
+    return bool(shard) and not relative.is_absolute() and ".." not in relative.parts
 
 
 def _read(path: str, where: str) -> bytes:
@@ -165,12 +174,15 @@ def _decode(data: bytes, path: str, where: str) -> dict[str, torch.Tensor]:
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise IngredientCorrupt(f"{where}: not a weights-only torch checkpoint: {_first_line(exc)}") from None
+            raise IngredientCorrupt(
+                f"{where}: not a weights-only torch checkpoint ({_unpickler_reason(exc)}); checkpoints load without "
+                "running code, so save a state dict of tensors (or safetensors)"
+            ) from None
         return _as_state_dict(loaded, where)
     try:
         return safetensors.torch.load(data)
     except Exception as exc:
-        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {_first_line(exc)}") from None
+        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {decoder_detail(exc)}") from None
 
 
 def _as_state_dict(loaded: object, where: str) -> dict[str, torch.Tensor]:
@@ -194,6 +206,20 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             raise IngredientCorrupt(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s)")
 
 
-def _first_line(exc: BaseException) -> str:
+_QUOTED = re.compile(r"\"[^\"]*\"|`[^`]*`|'[^']*'")
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to trust the file instead."""
+    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
+    reason = next((line.strip() for line in rest.splitlines() if line.strip()), "") if marker else ""
+    reason = re.sub(r"operand \d+", "opcode", reason.split(". Please")[0])  # the number is a byte of the file
+    return decoder_detail(reason or exc)
+
+
+def decoder_detail(exc: BaseException | str) -> str:
+    """The first line of a decoder's complaint, less what it quoted: decoders quote the bytes
+    they choked on, and an error message must not carry a file's contents back to the caller."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return _QUOTED.sub("...", line)[:200]

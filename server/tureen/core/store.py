@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from tureen.errors import ModelNotFound, SoupError, StoreError, VersionConflict
-from tureen.spec import SoupSpec, parse_spec, spec_document
+from tureen.errors import InvalidRequest, ModelNotFound, SoupError, StoreError, VersionConflict
+from tureen.spec import SoupSpec, name_problem, parse_spec, spec_document
 
 State = Literal["stored", "building", "ready", "failed", "rejected"]
 _VERSION_FILE = re.compile(r"^(\d{8})\.json$")
@@ -150,7 +150,8 @@ class SpecStore:
             names = sorted(os.listdir(self.root / "models"))
         except OSError as exc:
             raise StoreError(f"store {self.root}: cannot list models: {exc.strerror or exc}") from None
-        return [name for name in names if self.version_numbers(name)]
+        # Folders that are no model's (a volume's lost+found) are not models either.
+        return [name for name in names if name_problem(name) is None and self.version_numbers(name)]
 
     def record(self, stored: StoredVersion, state: State, reason: str = "", **more: Any) -> StoredVersion:
         """Record a version's new build state (with ``build_seconds``, ``checksums``, ``evaluation``,
@@ -192,7 +193,7 @@ class SpecStore:
     # ---- the active pointer ----------------------------------------------------------------
 
     def pointer(self, model: str) -> Pointer | None:
-        record = _read_json(self.root / "models" / model / "active.json")
+        record = _read_json(self._folder(model) / "active.json")
         if record is None:
             return None
         return Pointer(
@@ -212,12 +213,18 @@ class SpecStore:
             "at": pointer.at,
             "canary": pointer.canary,
         }
-        self._replace(self.root / "models" / model / "active.json", record)
+        self._replace(self._folder(model) / "active.json", record)
 
     # ---- files -----------------------------------------------------------------------------
 
+    def _folder(self, model: str) -> Path:
+        """The model's folder; a name that is not a model name (``..``, a path) never becomes one."""
+        if (problem := name_problem(model)) is not None:
+            raise InvalidRequest(f"model: {problem}")
+        return self.root / "models" / model
+
     def _versions(self, model: str, create: bool = True) -> Path:
-        folder = self.root / "models" / model / "versions"
+        folder = self._folder(model) / "versions"
         if create and not folder.is_dir():
             try:
                 folder.mkdir(parents=True, exist_ok=True)

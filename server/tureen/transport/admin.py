@@ -11,7 +11,7 @@ from tureen.core.controller import Controller, ModelStatus
 from tureen.core.ingredients import IngredientPool
 from tureen.core.store import StoredVersion
 from tureen.errors import SpecInvalid
-from tureen.spec import SoupSpec, parse_spec, spec_document
+from tureen.spec import MAX_SPEC_BYTES, SoupSpec, parse_spec, spec_document
 from tureen.v1 import admin_pb2 as pb
 from tureen.v1 import admin_pb2_grpc
 
@@ -21,6 +21,9 @@ WATCH_HEARTBEAT_S = 15.0
 
 def decode_spec(text: str, field: str) -> SoupSpec:
     """A spec from its JSON text; a parse failure names ``field``."""
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise SpecInvalid([f"{field}: the spec is {size} bytes; at most {MAX_SPEC_BYTES} (1 MiB)"])
     try:
         document = json.loads(text)
     except ValueError as exc:

@@ -1,53 +1,62 @@
-"""Bearer tokens: the admin RPCs require one when configured, inference optionally its own.
+"""Access on the gRPC port: each admin or inference call is admitted by ``core.access.Access``.
 
-Health and reflection stay open, so probes and tools work without secrets. Tokens are
-compared in constant time.
+This module only finds what the decision needs in gRPC terms (which service a method belongs
+to, the peer's address, the bearer token); the refusal is a ``SoupError`` that the error
+interceptor maps to its status like any other. Health and reflection stay open, so probes and
+tools work without secrets.
 """
 
 from __future__ import annotations
 
-import hmac
+import re
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from tureen.core.access import Access, Kind
+
 ADMIN_PREFIXES = ("/tureen.v1.SoupAdmin/", "/inference.GRPCInferenceService/Repository")
 INFERENCE_PREFIXES = ("/inference.GRPCInferenceService/", "/tureen.v1.SoupFeedback/")
+_PEER = re.compile(r"^ipv4:(?P<v4>[\d.]+):\d+$|^ipv6:\[(?P<v6>[0-9A-Fa-f:.]+)(?:%[^\]]*)?\]:\d+$")
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without the right ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+class AccessInterceptor(grpc.ServerInterceptor):
+    """Runs ``Access.admit`` before the admin and inference methods; placed inside the error
+    interceptor, so that its refusals get their status in the one place statuses are chosen."""
 
-    def __init__(self, admin_token: str | None, inference_token: str | None) -> None:
-        self._admin = admin_token
-        self._inference = inference_token
+    def __init__(self, access: Access) -> None:
+        self._access = access
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
-        method = handler_call_details.method
-        if method.startswith(ADMIN_PREFIXES):
-            expected, what = self._admin, "admin"
-        elif method.startswith(INFERENCE_PREFIXES):
-            expected, what = self._inference, "inference"
-        else:
-            expected, what = None, ""
         handler = continuation(handler_call_details)
-        if expected is None or handler is None:
-            return handler
-        given = _bearer(handler_call_details.invocation_metadata or ())
-        if given is not None and hmac.compare_digest(given.encode(), expected.encode()):
-            return handler
-        message = (
-            f"{what} calls need 'authorization: Bearer <token>' metadata"
-            if given is None
-            else f"the bearer token is not valid for {what} calls"
+        method = handler_call_details.method
+        kind: Kind | None = (
+            "admin" if method.startswith(ADMIN_PREFIXES) else "inference" if method.startswith(INFERENCE_PREFIXES) else None
         )
-        return _refusing(handler, message)
+        if handler is None or kind is None:
+            return handler
+        bearer = bearer_token(handler_call_details.invocation_metadata or ())
+        access = self._access
+
+        def admitted(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                access.admit(kind, bearer, peer_address(context.peer()))
+                return behavior(request, context)
+
+            return call
+
+        for slot in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, slot)
+            if behavior is not None:
+                return handler._replace(**{slot: admitted(behavior)})
+        return handler
 
 
-def _bearer(metadata: Any) -> str | None:
+def bearer_token(metadata: Any) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header; "" for another scheme; None without one."""
     for key, value in metadata:
         if key.lower() == "authorization":
             text = value.decode() if isinstance(value, bytes) else str(value)
@@ -56,14 +65,7 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _refusing(handler: Any, message: str) -> Any:
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=refuse)
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=refuse)
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=refuse)
-    return handler._replace(stream_stream=refuse)
+def peer_address(peer: str) -> str | None:
+    """The IP address in a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``), or None."""
+    found = _PEER.match(peer or "")
+    return (found.group("v4") or found.group("v6")) if found else None

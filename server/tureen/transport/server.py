@@ -10,12 +10,13 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
+from tureen.core.access import Access
 from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
 from tureen.errors import SoupError
 from tureen.transport.admin import AdminServicer, FeedbackServicer
-from tureen.transport.auth import TokenInterceptor
+from tureen.transport.auth import AccessInterceptor
 from tureen.transport.health import INFERENCE_SERVICE, add_health
 from tureen.transport.kserve import InferenceServicer
 from tureen.transport.status import ErrorInterceptor
@@ -73,14 +74,16 @@ def create_server(
     port: int = 8001,
     max_message_bytes: int = 64 * 1024 * 1024,
     workers: int = 8,
-    admin_token: str | None = None,
-    inference_token: str | None = None,
+    access: Access | None = None,
     tls: Tls | None = None,
 ) -> Endpoint:
-    """Build (not start) the server and bind it; ``port=0`` picks a free port (``Endpoint.port``)."""
+    """Build (not start) the server and bind it; ``port=0`` picks a free port (``Endpoint.port``).
+    ``access``: tokens and admin peers (default: no tokens, admin calls from loopback only)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
-        interceptors=[TokenInterceptor(admin_token, inference_token), ErrorInterceptor()],
+        # The first interceptor is the outermost: the error interceptor then maps the access
+        # interceptor's refusals to statuses too.
+        interceptors=[ErrorInterceptor(), AccessInterceptor(access or Access())],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

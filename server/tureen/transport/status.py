@@ -27,6 +27,8 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.StoreError: grpc.StatusCode.UNAVAILABLE,
     errors.VersionConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
