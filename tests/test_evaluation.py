@@ -398,7 +398,8 @@ def test_a_factory_split_scores_like_the_same_rows_read_from_a_file(tmp_path: Pa
         "made": {"factory": "helpers:split_batches", "kwargs": {"path": path, "parts": 3}},
     }
     document = digits_spec(["ft-0", "ft-1"], hidden=HIDDEN, evaluation={"splits": splits, "batch_size": 64})
-    with running_app([load_spec(write_spec(tmp_path, document))]) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
+    served = load_spec(write_spec(tmp_path, document))
+    with running_app([served], allow_factories=("helpers:*",)) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
         (info,) = soups.versions("digits")
         file, made = info["evaluation"]["file"]["metrics"], info["evaluation"]["made"]["metrics"]
         assert made["accuracy"] == file["accuracy"]

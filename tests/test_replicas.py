@@ -8,6 +8,7 @@ import time
 import zlib
 from pathlib import Path
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tureen_client import SoupClient, SoupClientError
@@ -65,10 +66,10 @@ def test_kill_9_during_a_push_and_a_build_loses_no_version_and_keeps_the_active_
     slow = write_spec(tmp_path, {**digits_spec(NAMES), "architecture": slow_arch}, "slow.yaml")
     other = write_spec(tmp_path, digits_spec(NAMES, merge={"weights": {"ft-0": 1.0, "ft-1": 4.0}}), "other.yaml")
     store = str(tmp_path / "store")
-    args = ["--spec", str(fast), "--store", store]
+    args = ["--spec", str(fast), "--store", store, "--allow-factory", "archs:*"]
 
     with serve_process(args) as (process, port, _, _):
-        errors: list[BaseException] = []
+        errors: list[SoupClientError] = []
 
         def push_and_wait() -> None:
             try:
@@ -84,6 +85,7 @@ def test_kill_9_during_a_push_and_a_build_loses_no_version_and_keeps_the_active_
         process.wait()
         pusher.join(timeout=30)
         assert errors, "the push should have been cut off by the kill"
+        assert errors[0].code == grpc.StatusCode.UNAVAILABLE, errors[0]
 
     with serve_process(args) as (process, port, _, _):
         assert version_served(port) == 1

@@ -119,7 +119,7 @@ def test_the_gate_passes_a_first_version_and_rejects_a_worse_one_with_both_numbe
     good, mid, noise = kitchen.accuracy("good"), kitchen.accuracy("mid"), kitchen.accuracy("noise")
     assert good > mid + 0.2 and mid > noise + 0.2  # the construction is what we think
     probe = kitchen.x[:8]
-    with running_app([]) as app:
+    with running_app([], ingredient_roots=(str(kitchen.folder),)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         with SoupClient(address) as soups, grpcclient.InferenceServerClient(address) as client:
             strict = {"gate": {"tolerance": 0.0}}
@@ -324,7 +324,7 @@ def test_sticky_routing_the_share_of_random_routing_and_promote_and_abort_by_han
 
 
 def test_a_canary_without_an_active_version_simply_becomes_active(kitchen: Kitchen) -> None:
-    with running_app([]) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
+    with running_app([], ingredient_roots=(str(kitchen.folder),)) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
         info = soups.push(kitchen.spec("good", rollout={"canary": {"percent": 10}}), wait=True)
         assert info["state"] == "active" and model_status(soups)["canary_version"] == "0"
 

@@ -212,7 +212,7 @@ def test_a_model_pushed_later_does_not_hold_up_readiness_while_its_first_blend_b
     folder, _ = soup
     slow = {**load_spec(spec_file(folder, 1)).model_dump(mode="json", by_alias=True, exclude_none=True)}
     slow.update(model="slow", architecture={"factory": "archs:slow_mlp", "kwargs": {"hidden": 8, "seconds": 2.0}})
-    with running_app([load_spec(spec_file(folder, 1))]) as app:
+    with running_app([load_spec(spec_file(folder, 1))], allow_factories=("archs:*",)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         with (
             SoupClient(address) as soups,
@@ -391,7 +391,7 @@ def test_an_activation_waiting_for_the_builder_does_not_block_the_builds_queued_
         "architecture": {"factory": "archs:slow_mlp", "kwargs": {"hidden": 8, "seconds": 1.5}},
     }
     with (
-        running_app([load_spec(spec_file(folder, 1))], keep_versions=1) as app,
+        running_app([load_spec(spec_file(folder, 1))], keep_versions=1, allow_factories=("archs:*",)) as app,
         SoupClient(f"127.0.0.1:{app.grpc_port}", timeout=60) as soups,
     ):
         soups.push(spec_file(folder, 2), wait=True)

@@ -170,8 +170,11 @@ class Controller(RolloutControl):
         """Store ``spec`` as the next version and build it (then activate it, unless told not to).
 
         Returns once stored, or with ``wait`` once built and (when asked) active; a failed build
-        then raises its error. The blend serving the model is untouched until the swap.
+        then raises its error. The blend serving the model is untouched until the swap. A spec
+        naming code or files outside ``policy`` is refused before it is stored, so nothing it
+        names is imported or opened.
         """
+        self.policy.check(spec)
         if in_place and spec.rollout is not None:
             raise SpecInvalid(["in_place: a spec with a rollout section needs the serving blend beside it; push it normally"])
         stored = self.store.push(spec, pushed_by=by)
