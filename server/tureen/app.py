@@ -61,7 +61,7 @@ class Settings:
     admin_allow_from: tuple[str, ...] | None = None
     """CIDRs admin calls are served to; None: loopback, and only when there is no admin token."""
     insecure_open_admin: bool = False
-    """Without an admin token, serve admin calls to every peer (Tureen's behaviour before 0.2)."""
+    """Without an admin token, serve admin calls to every peer (how Tureen served them before this flag existed)."""
     allow_factories: tuple[str, ...] = ()
     """``module:callable`` globs a pushed spec may name, besides Tureen's own and the start-up specs'."""
     ingredient_roots: tuple[str, ...] = ()

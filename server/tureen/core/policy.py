@@ -67,7 +67,7 @@ class SpecPolicy:
         factories = [*BUILTIN_FACTORIES, *allow_factories]
         folders = [*roots]
         for spec in specs:
-            factories += [factory for _, factory in _factories(spec) if factory not in factories]
+            factories += [f for _, f in _factories(spec) if not any(factory_allowed(f, known) for known in factories)]
             folders += [path if Path(path).is_dir() else Path(path).parent for _, path in _paths(spec)]
         resolved: list[Path] = []
         for folder in folders:
