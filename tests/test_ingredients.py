@@ -84,7 +84,7 @@ def test_identical_content_is_loaded_once_and_shared(tmp_path: Path) -> None:
 def load_all(tmp_path: Path, names: list[str]) -> tuple[Kitchen, dict]:
     spec = parse_spec(digits_spec(names), base_dir=tmp_path)
     kitchen = Kitchen(pool(), NullObserver())
-    return kitchen, {"spec": spec, "ingredients": kitchen.load(spec)}
+    return kitchen, {"spec": spec, "ingredients": kitchen.pool.load_all(spec)}
 
 
 def test_mismatched_keys_and_shapes_name_ingredient_and_tensor(tmp_path: Path) -> None:

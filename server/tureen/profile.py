@@ -24,15 +24,14 @@ from typing import Any
 
 import torch
 
-from tureen.core.architecture import aliases, instantiate, interface_of
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
-from tureen.core.kitchen import Kitchen, probe_module, run_search
+from tureen.core.kitchen import probe_module, run_search
 from tureen.core.observer import NullObserver
-from tureen.core.recipe import check_compatible, mix
+from tureen.core.prepare import prepare
+from tureen.core.recipe import mix
 from tureen.core.search import needs_search, resolved_spec
-from tureen.core.signature import Signature
 from tureen.errors import SoupError
 from tureen.spec import SoupSpec
 
@@ -106,8 +105,9 @@ def profile(
         raise SoupError(f"--points: a sweep needs at least 2 points, got {points}")
     if split is not None and spec.evaluation is not None and split not in spec.evaluation.splits:
         raise SoupError(f"--split: no split named {split!r} (splits: {', '.join(spec.evaluation.splits)})")
-    ingredients = Kitchen(IngredientPool(device, NullObserver()), NullObserver()).load(spec)
-    check_compatible(spec, ingredients)
+    evaluates = spec.evaluation is not None and spec.architecture is not None
+    prepared = prepare(spec, IngredientPool(device, NullObserver()), module=evaluates)
+    ingredients = prepared.ingredients
     states = {name: ingredient.tensors for name, ingredient in ingredients.items()}
     mixed = [ref.name for ref in spec.mixed]
     uniform = _uniform(states, mixed)
@@ -120,7 +120,8 @@ def profile(
         missing = "evaluation" if spec.evaluation is None else "architecture"
         result.notes.append(f"no sweep or calibration: the spec has no {missing} section (divergence needs neither)")
         return result
-    return _evaluate(result, spec, ingredients, uniform, device, between, points, split)
+    assert prepared.evaluator is not None
+    return _evaluate(result, spec, ingredients, uniform, prepared.evaluator, between, points, split)
 
 
 def _evaluate(
@@ -128,18 +129,14 @@ def _evaluate(
     spec: SoupSpec,
     ingredients: Mapping[str, Ingredient],
     uniform: State,
-    device: torch.device,
+    evaluator: Evaluator,
     between: tuple[str, str] | None,
     points: int,
     split: str | None,
 ) -> Profile:
     """Score every ingredient and soup on every split, then sweep: all run the architecture functionally."""
     assert spec.evaluation is not None and spec.architecture is not None
-    skeleton = instantiate(spec.architecture, "meta")
-    tied = aliases(skeleton)
-    check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
-    dtype = BLEND_DTYPES[spec.dtype]
-    evaluator = Evaluator(spec.evaluation, Signature(interface_of(spec, skeleton)), device, dtype)
+    device = evaluator.device
     probe = probe_module(spec.architecture, device)
     models = {name: ingredient.tensors for name, ingredient in ingredients.items()}
     models |= _soups(spec, ingredients, uniform, device, evaluator, result.notes)

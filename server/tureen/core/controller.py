@@ -13,32 +13,23 @@ process activated a version, this one builds it (or finds it resident) and swaps
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from tureen.core.blends import Blend, BlendRepository, CanaryRoute
+from tureen.core.builder import Builder
 from tureen.core.kitchen import Kitchen
+from tureen.core.lifecycle import Lifecycle, shown_state
 from tureen.core.observer import Observer
 from tureen.core.policy import SpecPolicy
 from tureen.core.residency import Residency
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.rollout_control import RolloutControl
-from tureen.core.store import Pointer, SpecStore, StoredVersion
-from tureen.errors import (
-    EvaluationMissing,
-    IngredientMissing,
-    ModelNotFound,
-    OutOfMemory,
-    SoupError,
-    SpecInvalid,
-    StoreError,
-    VersionConflict,
-)
+from tureen.core.store import Pointer, SpecStore, StoredVersion, pointing
+from tureen.errors import ModelNotFound, OutOfMemory, SoupError, SpecInvalid, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
@@ -71,7 +62,7 @@ class ModelStatus:
     canary_note: str = ""
 
 
-class Controller(RolloutControl):
+class Controller:
     """Pushes, builds, activates and rolls back spec versions; keeps replicas in step."""
 
     def __init__(
@@ -96,10 +87,10 @@ class Controller(RolloutControl):
         self._observer = observer
         self.poll_seconds = poll_seconds
         self.residency = Residency(repository, observer, kitchen.pool.device, keep=keep, limit=memory_limit)
-        # One build at a time, on a thread of lowered priority: merging competes with requests
-        # for the same cores, and requests should win. The thread's OpenMP workers, which it
-        # starts itself, inherit its priority.
-        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tureen-build", initializer=_lower_priority)
+        self.lifecycle = Lifecycle(store)
+        self.online = online if online is not None else OnlineAccuracy()
+        self.rollout = RolloutControl(store, repository, self.online, observer, self.lifecycle)
+        self._builder = Builder()
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
         self._building: dict[str, Build] = {}
@@ -107,10 +98,8 @@ class Controller(RolloutControl):
         self._generation = 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._given_up: dict[str, int] = {}  # model -> version this replica failed to build
+        self._given_up: dict[str, int] = {}  # model -> version this replica failed to follow
         self._seeded: dict[str, int] = {}
-        self.online = online if online is not None else OnlineAccuracy()
-        self._canary_notes: dict[str, str] = {}
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -144,7 +133,7 @@ class Controller(RolloutControl):
             if not version:
                 continue
             try:
-                blends.append(self._activate(model, version, by="seed" if seeded else "", write_pointer=seeded is not None))
+                blends.append(self._activate(model, version, by="seed" if seeded else "", point=seeded is not None))
             except SoupError as exc:
                 raise exc.within((where or {}).get(model, f"model {model!r} version {version}")) from None
             if pointer is not None and pointer.canary:
@@ -160,7 +149,7 @@ class Controller(RolloutControl):
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
-        self._builder.shutdown(wait=False, cancel_futures=True)
+        self._builder.shutdown()
 
     # ---- operator actions --------------------------------------------------------------------
 
@@ -192,7 +181,7 @@ class Controller(RolloutControl):
 
     def activate(self, model: str, version: int, by: str) -> StoredVersion:
         """Make ``version`` serve ``model`` now: a swap when resident, else a build first."""
-        self._activate(model, version, by=by, write_pointer=True)
+        self._activate(model, version, by=by)
         return self.store.get(model, version)
 
     def rollback(self, model: str, by: str, to: int | None = None) -> StoredVersion:
@@ -210,7 +199,7 @@ class Controller(RolloutControl):
         if not history:
             raise VersionConflict(f"model {model!r}: no earlier active version to roll back to (active: {pointer.version})")
         target = history[-1]
-        self._activate(model, target, by=by, write_pointer=True, history=tuple(history[:-1]))
+        self._activate(model, target, by=by, history=tuple(history[:-1]))
         return self.store.get(model, target)
 
     def unload(self, model: str, by: str) -> None:
@@ -269,22 +258,13 @@ class Controller(RolloutControl):
         return [(item, self._shown_state(item, pointer)) for item in stored]
 
     def state_of(self, stored: StoredVersion) -> str:
-        """stored, building, ready, active, failed, or retired (active once, no longer)."""
+        """The state operators see (``lifecycle.shown_state``): stored, building, ready, active,
+        canary, failed, rejected or retired."""
         return self._shown_state(stored, self.store.pointer(stored.model))
 
     def _shown_state(self, item: StoredVersion, pointer: Pointer | None) -> str:
         building = self._building.get(item.model)
-        if pointer is not None and item.version == pointer.version:
-            return "active"
-        if pointer is not None and item.version == pointer.canary:
-            return "canary"
-        if building is not None and building.version == item.version:
-            return "building"
-        if item.state == "building":
-            return "stored"  # a build cut short (a restart) or running on another replica
-        if pointer is not None and item.version in pointer.history and item.state != "failed":
-            return "retired"
-        return item.state
+        return shown_state(item, pointer, building.version if building is not None else None)
 
     def status(self) -> list[ModelStatus]:
         with self._lock:
@@ -304,7 +284,7 @@ class Controller(RolloutControl):
                         canary=route.blend.version if route else 0,
                         canary_percent=route.percent if route else 0.0,
                         online={v: self.online.rolling(model, v) for v in serving},
-                        canary_note=self._canary_notes.get(model, ""),
+                        canary_note=self.rollout.note(model),
                     )
                 )
             return out
@@ -323,22 +303,137 @@ class Controller(RolloutControl):
             self._changed.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout=timeout)
             return self._generation
 
-    # ---- the work ----------------------------------------------------------------------------
+    # ---- canaries: the rollout part decides, the controller swaps -----------------------------
+
+    def promote_canary(self, model: str, by: str, why: str = "by hand", route: CanaryRoute | None = None) -> StoredVersion:
+        """The canary becomes the active version (one swap); the old active one is kept for rollback.
+        With ``route``, only that canary: one judged by feedback, not one started since."""
+        self._known(model)
+        route = route or self.repository.canary(model)
+        if route is None:
+            raise VersionConflict(f"model {model!r} has no canary to promote")
+        self._promote(model, route, by)
+        self.rollout.promoted(model, route.blend.version, why)
+        return self.store.get(model, route.blend.version)
+
+    def abort_canary(
+        self, model: str, by: str, why: str = "by hand", reject: bool = False, route: CanaryRoute | None = None
+    ) -> StoredVersion:
+        """All traffic back to the active version; an automatic rollback marks the canary rejected."""
+        self._known(model)
+        with self._model_lock(model):
+            version = self.rollout.abort(model, by, why, reject, route)
+        self._bump()
+        return self.store.get(model, version)
+
+    def feedback(self, model: str, request_id: str, labels: list[int]) -> int | None:
+        """Score the version that answered ``request_id``; act on the canary's verdict once it has one.
+        Returns that version, or None for an unknown request id (counted, never an error)."""
+        judged = self.rollout.judge(model, request_id, labels)
+        if judged.verdict is None or judged.route is None or judged.verdict.decision not in ("promote", "rollback"):
+            return judged.version
+        try:
+            if judged.verdict.decision == "promote":
+                self.promote_canary(model, by="canary", why=judged.verdict.line, route=judged.route)
+            else:
+                self.abort_canary(model, by="canary", why=judged.verdict.line, reject=True, route=judged.route)
+        except VersionConflict:
+            pass  # decided a moment ago by another feedback call, an operator or another replica
+        except SoupError as exc:  # the label was taken; acting on it failed here, not the caller
+            _log.error("model %s: canary decision %r failed: %s", model, judged.verdict.decision, exc)
+        return judged.version
+
+    def _known(self, model: str) -> None:
+        if model not in self.repository.models():
+            raise ModelNotFound(f"model {model!r} is not served here")
+
+    # ---- following the store (other replicas, restarts) ---------------------------------------
+
+    def poll(self) -> None:
+        """One look at the store: serve what other replicas activated, unloaded or made canary."""
+        for model in self.store.models():
+            self.repository.declare(model)
+            pointer = self.store.pointer(model)
+            current = self.repository.models().get(model)
+            if pointer is None:
+                continue
+            if pointer.version == 0:
+                if current is not None:
+                    self._follow_unload(model, pointer)
+            elif current is not None and current.version == pointer.version:
+                self._follow_canary(model, pointer)
+            elif self._given_up.get(model) != pointer.version and model not in self._building:
+                self._follow(model, pointer.version)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a bad moment on a shared volume must not end the watch
+                _log.exception("store watch failed; retrying")
+
+    def _follow(self, model: str, version: int) -> None:
+        """Serve the version another replica activated, if the store still points there once built."""
+        _log.info("model %s: version %d was activated elsewhere; following", model, version)
+        try:
+            blend = self._obtain(model, version)
+            with self._model_lock(model):
+                pointer = self.store.pointer(model)
+                if pointer is None or pointer.version != version:
+                    return  # activated again elsewhere meanwhile: the next poll follows that
+                self._swap_in(model, version, blend, time.perf_counter())
+        except SoupError as exc:
+            self._given_up[model] = version
+            _log.error("model %s: cannot follow version %d: %s", model, version, exc)
+            return
+        self._bump()
+
+    def _follow_unload(self, model: str, pointer: Pointer) -> None:
+        with self._model_lock(model):
+            if (self.store.pointer(model) or pointer).version == 0:
+                self.repository.end_canary(model)
+                self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
+        self._bump()
+
+    def _follow_canary(self, model: str, pointer: Pointer) -> None:
+        """Start or end the canary the store names, as another replica (or a restart) left it."""
+        if self.rollout.ended_elsewhere(model, pointer):
+            with self._model_lock(model):
+                if (self.store.pointer(model) or pointer).canary == 0:
+                    self.repository.end_canary(model)
+            self._bump()
+            return
+        stored = self.rollout.to_start(model, pointer)
+        if stored is None:
+            return
+        try:
+            blend = self._build(stored)
+        except SoupError as exc:
+            self.rollout.cannot_follow(model, stored.version, exc)
+            return
+        with self._model_lock(model):
+            self.rollout.start(model, blend, by="", follow=True)
+        self._bump()
+
+    # ---- the work: build, then swap under the model's lock -------------------------------------
 
     def _build_and_maybe_activate(self, stored: StoredVersion, activate: bool, by: str) -> Blend:
         rollout = stored.spec.rollout
         if activate and rollout is None:
-            return self._activate(stored.model, stored.version, by=by, write_pointer=True)
+            return self._activate(stored.model, stored.version, by=by)
         model = stored.model
         blend = self._build(stored)
         if activate and rollout is not None:
             active = self.repository.models().get(model)
-            self._gate(stored, blend, active)
+            self.rollout.gate(stored, blend, active)
             if rollout.canary is not None and active is not None:
-                return self._start_canary(model, blend, by)
+                with self._model_lock(model):
+                    self.rollout.start(model, blend, by)
+                self._bump()
+                return blend
         self.residency.add(model, blend)
         if activate:
-            return self._activate(model, stored.version, by=by, write_pointer=True)
+            return self._activate(model, stored.version, by=by)
         self._bump()
         return blend
 
@@ -355,69 +450,62 @@ class Controller(RolloutControl):
             del previous  # its memory goes as soon as the requests on it finish
         _log.warning("model %s: in-place swap to version %d: paused until it serves", model, stored.version)
         try:
-            return self._activate(model, stored.version, by=by, write_pointer=True)
+            return self._activate(model, stored.version, by=by)
         except BaseException:
             if back is not None:
-                self._activate(model, back, by=by, write_pointer=False)
+                self._activate(model, back, by=by, point=False)
             raise
 
     def _activate(
-        self,
-        model: str,
-        version: int,
-        *,
-        by: str,
-        write_pointer: bool,
-        history: tuple[int, ...] | None = None,
-        follow: bool = False,
-        canary: CanaryRoute | None = None,
+        self, model: str, version: int, *, by: str, point: bool = True, history: tuple[int, ...] | None = None
     ) -> Blend:
-        """Make ``version`` serve ``model``. The build (if any) runs with no lock held; the swap and
-        the pointer write happen together under the model's lock. ``follow`` (the store watcher)
-        swaps only if the store still points at ``version`` by then. ``canary`` (a promotion)
-        swaps in that canary's blend, only while it is still the model's canary."""
+        """Make ``version`` serve ``model``: obtain its blend (building it with no lock held), then
+        swap and, with ``point``, write the store's pointer, together under the model's lock.
+        ``history``: the pointer's history after the swap (a rollback's); default, the store's."""
         requested = time.perf_counter()
-        current = self.repository.models().get(model)
-        blend = current if current is not None and current.version == version else None
-        if canary is not None:
-            blend = canary.blend  # already built, warmed up and serving a share: never built again
-        if blend is None:
-            blend = self.residency.get(model, version) or self._build(self.store.get(model, version))
+        blend = self._obtain(model, version)
         with self._model_lock(model):
-            if canary is not None:
-                pointer = self.store.pointer(model)
-                if self.repository.canary(model) is not canary or pointer is None or pointer.canary != version:
-                    raise VersionConflict(f"model {model!r}: the canary of version {version} ended meanwhile")
-            if follow:
-                pointer = self.store.pointer(model)
-                if pointer is None or pointer.version != version:
-                    return blend  # activated again elsewhere meanwhile: the next poll follows that
-            self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
-            current = self.repository.models().get(model)
-            if current is None or current.version != version:
-                previous = self.repository.swap(blend)
-                self._observer.blend_swapped(model, version, time.perf_counter() - requested)
-                self.residency.retire(model, version, previous)
-                _log.info("model %s: serving version %d", model, version)
-            self.repository.end_canary(model)  # after the swap: a promoted canary's share never dips
-            if write_pointer:
-                pointer = self.store.pointer(model)
-                if history is None:
-                    if pointer is None:
-                        history = ()
-                    elif pointer.version == version:
-                        history = pointer.history
-                    else:
-                        history = (*pointer.history, pointer.version)
-                self.store.point(model, Pointer(version, history, by, time.time()))
+            self._swap_in(model, version, blend, requested)
+            if point:
+                self.store.point(model, pointing(self.store.pointer(model), version, by, time.time(), history))
         self._bump()
         return blend
 
+    def _promote(self, model: str, route: CanaryRoute, by: str) -> None:
+        """Swap the canary's blend in (built, warmed up and serving a share already: never built
+        again), only while it is still the model's canary in this process and in the store."""
+        requested, version = time.perf_counter(), route.blend.version
+        with self._model_lock(model):
+            pointer = self.store.pointer(model)
+            if self.repository.canary(model) is not route or pointer is None or pointer.canary != version:
+                raise VersionConflict(f"model {model!r}: the canary of version {version} ended meanwhile")
+            self._swap_in(model, version, route.blend, requested)
+            self.store.point(model, pointing(pointer, version, by, time.time()))
+        self._bump()
+
+    def _obtain(self, model: str, version: int) -> Blend:
+        """The blend of ``version``: the serving one, a resident one, or a new build."""
+        current = self.repository.models().get(model)
+        if current is not None and current.version == version:
+            return current
+        return self.residency.get(model, version) or self._build(self.store.get(model, version))
+
+    def _swap_in(self, model: str, version: int, blend: Blend, requested: float) -> None:
+        """Serve ``blend`` (the caller holds the model's lock); the blend it replaces is kept
+        resident, and a canary ends after the swap, so a promoted canary's share never dips."""
+        self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
+        current = self.repository.models().get(model)
+        if current is None or current.version != version:
+            previous = self.repository.swap(blend)
+            self._observer.blend_swapped(model, version, time.perf_counter() - requested)
+            self.residency.retire(model, version, previous)
+            _log.info("model %s: serving version %d", model, version)
+        self.repository.end_canary(model)
+
     def _build(self, stored: StoredVersion) -> Blend:
-        """Build on the builder thread (waiting for it when called from elsewhere, holding no lock)."""
-        if threading.current_thread().name.startswith("tureen-build"):
-            return self._build_here(stored)
-        return self._builder.submit(self._build_here, stored).result()
+        """Build on the builder thread: queued behind the builds before it, or inline when the
+        caller is a build already (a push that activates). Never called holding a model lock."""
+        return self._builder.run(self._build_here, stored)
 
     def _build_here(self, stored: StoredVersion) -> Blend:
         if stored.state == "failed":
@@ -430,17 +518,10 @@ class Controller(RolloutControl):
         def progress(stage: str, fraction: float) -> None:
             self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
 
-        settled = stored.state in ("ready", "rejected")  # a rebuild must not reopen a verdict
         try:
-            if not settled:
-                stored = self.store.record(stored, "building")
+            stored = self.lifecycle.building(stored)
             blend = self.kitchen.build(
-                stored.spec,
-                version,
-                progress,
-                donor=lambda: self.residency.donor(model),
-                room=lambda n: self.residency.room(model, version, n),
-                resolution=stored.resolution,
+                stored.spec, version, progress, self.residency.budget(model, version), resolution=stored.resolution
             )
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
             failure = OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}")
@@ -451,66 +532,17 @@ class Controller(RolloutControl):
             raise
         finally:
             self._set_building(None, model)
-        self.store.record(
-            stored,
-            stored.state if settled else "ready",
-            stored.reason if settled else "",
-            build_seconds=round(blend.build_seconds, 3),
-            checksums=dict(blend.checksums),
-            evaluation=_plain(blend.evaluation),
-            ingredient_evaluation=_plain(blend.ingredient_evaluation),
-            resolution=blend.resolution,
-        )
+        self.lifecycle.built(stored, blend)
         return blend
 
     def _failed(self, stored: StoredVersion, exc: SoupError) -> None:
-        """Record a failed build. Only failures of the spec itself (its fields, its checkpoints'
-        contents, the architecture) mark the version failed in the shared store; a failure of
-        this replica (no memory here, a file missing on this node, the store) must not stop the
-        others from serving the version, so the state goes back to what it was."""
-        model, version = stored.model, stored.version
-        self._observer.build_failed(model, exc.reason)
-        _log.error("model %s: version %d failed to build: %s", model, version, exc)
+        """Record a failed build (``Lifecycle.failed``: the spec's fault, or this replica's)."""
+        self._observer.build_failed(stored.model, exc.reason)
+        _log.error("model %s: version %d failed to build: %s", stored.model, stored.version, exc)
         try:
-            if isinstance(exc, LOCAL_FAILURES):
-                self.store.record(stored, "stored" if stored.state == "building" else stored.state)
-            else:
-                self.store.record(stored, "failed", reason=str(exc))
+            self.lifecycle.failed(stored, exc)
         except SoupError as store_error:  # the version may have been deleted meanwhile
-            _log.warning("model %s: version %d: cannot record the failure: %s", model, version, store_error)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self._converge()
-            except Exception:  # a bad moment on a shared volume must not end the watch
-                _log.exception("store watch failed; retrying")
-
-    def _converge(self) -> None:
-        for model in self.store.models():
-            self.repository.declare(model)
-            pointer = self.store.pointer(model)
-            current = self.repository.models().get(model)
-            if pointer is not None and pointer.version == 0 and current is not None:
-                with self._model_lock(model):
-                    if (self.store.pointer(model) or pointer).version == 0:
-                        self.repository.end_canary(model)
-                        self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
-                self._bump()
-                continue
-            if pointer is not None and current is not None and current.version == pointer.version:
-                self._follow_canary(model, pointer)
-                continue
-            if pointer is None or pointer.version == 0:
-                continue
-            if self._given_up.get(model) == pointer.version or model in self._building:
-                continue
-            _log.info("model %s: version %d was activated elsewhere; following", model, pointer.version)
-            try:
-                self._activate(model, pointer.version, by="", write_pointer=False, follow=True)
-            except SoupError as exc:
-                self._given_up[model] = pointer.version
-                _log.error("model %s: cannot follow version %d: %s", model, pointer.version, exc)
+            _log.warning("model %s: version %d: cannot record the failure: %s", stored.model, stored.version, store_error)
 
     def _model_lock(self, model: str) -> threading.Lock:
         with self._lock:
@@ -528,22 +560,3 @@ class Controller(RolloutControl):
         with self._changed:
             self._generation += 1
             self._changed.notify_all()
-
-
-def _plain(value: Any) -> Any:
-    """Nested mappings as plain dicts, for JSON."""
-    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
-
-
-LOCAL_FAILURES = (OutOfMemory, IngredientMissing, EvaluationMissing, StoreError)
-"""Build failures that say something about this replica, not about the spec."""
-
-BUILD_NICENESS = 10
-
-
-def _lower_priority() -> None:
-    """Lower the calling thread's scheduling priority (Linux: per-thread niceness)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: builds run at normal priority
-        _log.debug("cannot lower the build thread's priority")

@@ -10,20 +10,20 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from tureen.core.architecture import aliases, instantiate, interface_of, retie
+from tureen.core.architecture import aliases, instantiate, retie
 from tureen.core.blends import Blend
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.observer import Observer
-from tureen.core.recipe import check_compatible, mix
+from tureen.core.prepare import Prepared, prepare
+from tureen.core.recipe import mix
 from tureen.core.search import Resolution, needs_search, resolved_spec, search
-from tureen.core.signature import Signature
 from tureen.errors import ArchitectureError, MergeError, OutOfMemory, SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.spec import Architecture, SoupSpec
@@ -32,6 +32,17 @@ _log = logging.getLogger("tureen.kitchen")
 
 Progress = Callable[[str, float], None]
 """Told the stage a build is in and about how far along it is, from 0 to 1."""
+
+
+class MemoryBudget(Protocol):
+    """What memory a build may take (``Residency.budget`` offers one per model and version)."""
+
+    def donor(self) -> Mapping[str, torch.Tensor] | None:
+        """Weights of a retired blend no request uses any more, handed over once the ingredients
+        are loaded and checked: when their layout fits, the merge writes there (no new memory)."""
+
+    def room(self, nbytes: int) -> None:
+        """Raise ``OutOfMemory`` if a new blend of ``nbytes`` would not fit beside those held."""
 
 
 class Kitchen:
@@ -43,113 +54,102 @@ class Kitchen:
         self._observer = observer
         self.kernels: Kernels = kernels
 
-    def load(self, spec: SoupSpec, progress: Progress | None = None) -> dict[str, Ingredient]:
-        """Load (or find pooled) every ingredient of ``spec``, by ingredient name."""
-        loaded = {}
-        for i, ref in enumerate(spec.ingredients, start=1):
-            _log.info("model %s: ingredient %d/%d %r", spec.model, i, len(spec.ingredients), ref.name)
-            if progress is not None:
-                progress(f"loading ingredient {i}/{len(spec.ingredients)} {ref.name!r}", 0.6 * (i - 1) / len(spec.ingredients))
-            loaded[ref.name] = self.pool.load(ref)
-        return loaded
-
     def merge(self, spec: SoupSpec) -> dict[str, torch.Tensor]:
         """The merged state dict alone, checked across ingredients only (no architecture needed,
         except by a searched recipe, which runs the model on its evaluation data)."""
-        ingredients = self.load(spec)
-        check_compatible(spec, ingredients)
-        if needs_search(spec):
-            if spec.architecture is None or spec.evaluation is None:
-                raise SpecInvalid([f"architecture: merge.method {spec.merge.method!r} runs the model; give an architecture"])
-            skeleton = instantiate(spec.architecture, "meta")
-            signature = Signature(interface_of(spec, skeleton))
-            evaluator = Evaluator(spec.evaluation, signature, self.pool.device, BLEND_DTYPES[spec.dtype])
-            found = run_search(spec, ingredients, self.pool.device, evaluator, _stage(None, 0.0, 1.0))
+        searched = needs_search(spec)
+        if searched and (spec.architecture is None or spec.evaluation is None):
+            raise SpecInvalid([f"architecture: merge.method {spec.merge.method!r} runs the model; give an architecture"])
+        prepared = prepare(spec, self.pool, module=searched)
+        if searched:
+            assert prepared.evaluator is not None
+            found = run_search(spec, prepared.ingredients, self.pool.device, prepared.evaluator, _stage(None, 0.0, 1.0))
             spec = resolved_spec(spec, found.merge)
-        return mix(spec, ingredients, kernels=self.kernels)
+        return mix(spec, prepared.ingredients, kernels=self.kernels)
 
     def build(
         self,
         spec: SoupSpec,
         version: int,
         progress: Progress | None = None,
-        donor: Callable[[], Mapping[str, torch.Tensor] | None] | None = None,
-        room: Callable[[int], None] | None = None,
+        budget: MemoryBudget | None = None,
         resolution: Mapping[str, Any] | None = None,
     ) -> Blend:
         """Build the blend of ``spec`` as ``version``; raises a ``SoupError`` naming what is wrong.
 
-        ``progress(stage, fraction)`` hears where the build is, for status reports. ``donor()``,
-        called once the ingredients are loaded and checked, right before merging, may hand over
-        the weights of a retired blend that no request uses any more: when their layout fits,
-        the merge writes there instead of into fresh memory (no page faults, no new memory).
-        Otherwise ``room(nbytes)`` is asked first whether the blend's new memory fits; it raises
-        ``OutOfMemory`` when not, before anything is allocated.
-
-        A searched recipe (greedy, learned, a grid) is searched here unless ``resolution`` (what
-        an earlier build of this version settled on) is given; the blend carries the resolution
-        and, when the spec has an evaluation section, its scores and its ingredients' scores.
+        ``progress(stage, fraction)`` hears where the build is, for status reports. ``budget``
+        says what memory the blend may take (``MemoryBudget``). A searched recipe (greedy,
+        learned, a grid) is searched here unless ``resolution`` (what an earlier build of this
+        version settled on) is given; the blend carries the resolution and, when the spec has an
+        evaluation section, its scores and its ingredients' scores.
         """
         started = time.perf_counter()
         if spec.architecture is None:
             raise SpecInvalid(["architecture: required to serve a model (only `tureen merge` works without one)"])
-        skeleton = instantiate(spec.architecture, "meta")
-        signature = Signature(interface_of(spec, skeleton))
-        ingredients = self.load(spec, progress)
-        tied = aliases(skeleton)
-        check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
-        dtype, device = BLEND_DTYPES[spec.dtype], self.pool.device
-        evaluator = Evaluator(spec.evaluation, signature, device, dtype) if spec.evaluation is not None else None
-        recipe = spec
-        if needs_search(spec):
-            assert evaluator is not None  # the spec requires an evaluation section for a search
-            if resolution is None:
-                found = run_search(spec, ingredients, device, evaluator, _stage(progress, 0.6, 0.2))
-                resolution = {"merge": found.merge, "log": found.log}
-            recipe = resolved_spec(spec, resolution["merge"])
+        prepared = prepare(spec, self.pool, progress)
+        recipe, resolution = self._recipe(prepared, resolution, progress)
         if progress is not None:
             progress("merging", 0.8 if resolution else 0.6)
-        merged = None
-        try:
-            into = donor() if donor is not None else None
-            if into is not None:
-                try:
-                    merged = mix(recipe, ingredients, kernels=self.kernels, into=into)
-                except ValueError:  # another layout (architecture or dtype changed): fresh memory
-                    merged = None
-            if merged is None:
-                if room is not None:
-                    room(_blend_bytes(spec, ingredients))
-                merged = mix(recipe, ingredients, kernels=self.kernels)
-        except (MemoryError, torch.OutOfMemoryError) as exc:
-            raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
+        merged = self._merge(recipe, prepared.ingredients, budget)
         if progress is not None:
             progress("warming up", 0.9)
-        module = _materialize(spec.architecture, skeleton, merged, device)
+        assert prepared.skeleton is not None and prepared.signature is not None
+        device = self.pool.device
         blend = Blend(
             model=spec.model,
             version=version,
-            module=module,
-            signature=signature,
+            module=_materialize(spec.architecture, prepared.skeleton, merged, device),
+            signature=prepared.signature,
             device=device,
-            dtype=dtype,
+            dtype=BLEND_DTYPES[spec.dtype],
             nbytes=sum(t.numel() * t.element_size() for t in merged.values()),
             build_seconds=time.perf_counter() - started,
             spec=spec,
-            checksums={name: ingredient.digest for name, ingredient in ingredients.items()},
+            checksums={name: ingredient.digest for name, ingredient in prepared.ingredients.items()},
             weights=merged,
             resolution=resolution,
         )
         blend = _warm_up(blend)
-        if evaluator is not None:
+        if prepared.evaluator is not None:
             if progress is not None:
                 progress("evaluating", 0.95)
-            blend = _evaluate(blend, evaluator, ingredients, spec)
+            blend = _evaluate(blend, prepared.evaluator, prepared.ingredients, spec)
             blend = replace(blend, build_seconds=time.perf_counter() - started)
             self._observer.blend_evaluated(spec.model, version, blend.evaluation, blend.ingredient_evaluation)
         self._observer.blend_built(spec.model, version, blend.build_seconds)
         _log.info("model %s: version %d built in %.2f s", spec.model, version, blend.build_seconds)
         return blend
+
+    def _recipe(
+        self, prepared: Prepared, resolution: Mapping[str, Any] | None, progress: Progress | None
+    ) -> tuple[SoupSpec, Mapping[str, Any] | None]:
+        """The spec to merge by: the spec itself, or a searched one resolved (searching unless an
+        earlier build's ``resolution`` says what it settled on)."""
+        spec = prepared.spec
+        if not needs_search(spec):
+            return spec, resolution
+        assert prepared.evaluator is not None  # the spec requires an evaluation section for a search
+        if resolution is None:
+            found = run_search(spec, prepared.ingredients, self.pool.device, prepared.evaluator, _stage(progress, 0.6, 0.2))
+            resolution = {"merge": found.merge, "log": found.log}
+        return resolved_spec(spec, resolution["merge"]), resolution
+
+    def _merge(
+        self, recipe: SoupSpec, ingredients: Mapping[str, Ingredient], budget: MemoryBudget | None
+    ) -> dict[str, torch.Tensor]:
+        """Merge into the budget's donor when its layout fits, else into new memory the budget has room for."""
+        try:
+            into = budget.donor() if budget is not None else None
+            if into is not None:
+                try:
+                    return mix(recipe, ingredients, kernels=self.kernels, into=into)
+                except ValueError:  # another layout (architecture or dtype changed): fresh memory
+                    pass
+            if budget is not None:
+                budget.room(_blend_bytes(recipe, ingredients))
+            return mix(recipe, ingredients, kernels=self.kernels)
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
 
 
 def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingredient], spec: SoupSpec) -> Blend:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -82,6 +83,10 @@ class Residency:
             self._set(model, kept)
             return weights
 
+    def budget(self, model: str, version: int) -> Budget:
+        """What a build of ``version`` may take: the donor its swap would drop, or room beside the rest."""
+        return Budget(self, model, version)
+
     def room(self, model: str, version: int, needed: int) -> None:
         """Refuse a build whose new blend would not fit beside the blends held, before it allocates."""
         models = self._repository.models()
@@ -102,6 +107,21 @@ class Residency:
     def _set(self, model: str, kept: list[Blend]) -> None:
         self._kept[model] = kept[: self.keep]
         self._observer.resident_memory(model, sum(b.nbytes for b in self._kept[model]))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``Residency``'s answer for one build (the kitchen's ``MemoryBudget``)."""
+
+    residency: Residency
+    model: str
+    version: int
+
+    def donor(self) -> Mapping[str, torch.Tensor] | None:
+        return self.residency.donor(self.model)
+
+    def room(self, nbytes: int) -> None:
+        self.residency.room(self.model, self.version, nbytes)
 
 
 def _size(nbytes: float) -> str:

@@ -69,6 +69,19 @@ class Pointer:
     """A version taking a share of traffic beside ``version`` (0: none)."""
 
 
+def pointing(previous: Pointer | None, version: int, by: str, at: float, history: tuple[int, ...] | None = None) -> Pointer:
+    """The pointer once ``version`` is activated: the version it replaces joins the history
+    (unless it is that version; ``history`` overrides, as a rollback does), and any canary ends."""
+    if history is None:
+        if previous is None:
+            history = ()
+        elif previous.version == version:
+            history = previous.history
+        else:
+            history = (*previous.history, previous.version)
+    return Pointer(version, history, by, at)
+
+
 class SpecStore:
     """Specs and their states in a directory; safe to share between processes."""
 
