@@ -341,7 +341,9 @@ def test_evaluation_sets_that_do_not_fit_are_refused_by_split_name_and_the_blend
     for name, (tensors, _) in bad_sets.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
     probe = splits["test"][0][:4]
-    with running_app([load_spec(write_spec(tmp_path, digits_spec(["ft-0"], hidden=HIDDEN)))]) as app:
+    with running_app(
+        [load_spec(write_spec(tmp_path, digits_spec(["ft-0"], hidden=HIDDEN)))], ingredient_roots=(str(tmp_path),)
+    ) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         with SoupClient(address) as soups, grpcclient.InferenceServerClient(address) as client:
             version = 1
@@ -381,7 +383,7 @@ def test_a_split_of_zero_rows_is_reported_as_empty(tmp_path: Path) -> None:
     refused = write_spec(tmp_path, digits_spec(["ft-1"], hidden=HIDDEN, evaluation=evaluation("none")), "n.yaml")
     serving = load_spec(write_spec(tmp_path, digits_spec(["ft-0"], hidden=HIDDEN)))
     with (
-        running_app([serving]) as app,
+        running_app([serving], ingredient_roots=(str(tmp_path),)) as app,
         SoupClient(f"127.0.0.1:{app.grpc_port}") as soups,
         pytest.raises(SoupClientError) as caught,
     ):

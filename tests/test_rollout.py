@@ -87,7 +87,7 @@ def kitchen(tmp_path: Path) -> Kitchen:
 @pytest.fixture
 def serving(kitchen: Kitchen) -> Iterator[tuple[App, SoupClient, grpcclient.InferenceServerClient]]:
     """A server whose version 1 is ``mid``, evaluated on the held-out split."""
-    with running_app([load_spec(kitchen.spec("mid", evaluation=EVALUATION))]) as app:
+    with running_app([load_spec(kitchen.spec("mid", evaluation=EVALUATION))], ingredient_roots=(str(kitchen.folder),)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         with SoupClient(address) as soups, grpcclient.InferenceServerClient(address) as client:
             yield app, soups, client
@@ -251,7 +251,7 @@ def test_a_better_canary_is_promoted_once_both_versions_have_their_samples(
 
 
 def test_a_worse_canary_is_rolled_back_as_soon_as_the_test_finds_it_worse(kitchen: Kitchen) -> None:
-    with running_app([load_spec(kitchen.spec("good"))]) as app:
+    with running_app([load_spec(kitchen.spec("good"))], ingredient_roots=(str(kitchen.folder),)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         with SoupClient(address) as soups, grpcclient.InferenceServerClient(address) as client:
             canary = {"percent": 50, "min_samples": 30}

@@ -119,7 +119,7 @@ def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_
 def test_bad_pushes_and_actions_get_clear_statuses_and_the_blend_keeps_serving(soup: tuple[Path, dict]) -> None:
     folder, states = soup
     x = np.random.default_rng(1).uniform(0, 16, size=(2, 64)).astype(np.float32)
-    with running_app([load_spec(spec_file(folder, 1))]) as app:
+    with running_app([load_spec(spec_file(folder, 1))], ingredient_roots=(str(folder),)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         client = grpcclient.InferenceServerClient(address)
         soups = SoupClient(address)
@@ -260,7 +260,7 @@ def test_a_build_reuses_the_memory_of_the_blend_it_pushes_out_unless_a_request_s
 
 def test_swaps_builds_and_failures_are_counted_in_the_metrics(soup: tuple[Path, dict]) -> None:
     folder, _ = soup
-    with running_app([load_spec(spec_file(folder, 1))], keep_versions=1) as app:
+    with running_app([load_spec(spec_file(folder, 1))], keep_versions=1, ingredient_roots=(str(folder),)) as app:
         with SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
             soups.push(spec_file(folder, 2), wait=True)
             soups.rollback("digits")
@@ -364,7 +364,9 @@ def test_no_room_for_a_second_blend_fails_the_push_unless_in_place(soup: tuple[P
     folder, states = soup
     x = np.random.default_rng(4).uniform(0, 16, size=(2, 64)).astype(np.float32)
     blend = sum(t.numel() * t.element_size() for t in states["ft-0"].values())  # float32, as the blend
-    with running_app([load_spec(spec_file(folder, 1))], blend_memory_bytes=blend + blend // 2) as app:  # room for one
+    with running_app(
+        [load_spec(spec_file(folder, 1))], blend_memory_bytes=blend + blend // 2, ingredient_roots=(str(folder),)
+    ) as app:  # room for one
         address = f"127.0.0.1:{app.grpc_port}"
         client = grpcclient.InferenceServerClient(address)
         with SoupClient(address) as soups:

@@ -180,8 +180,8 @@ def _policy(settings: Settings, specs: Sequence[SoupSpec], sources: Sequence[str
     for pattern in settings.allow_factories:
         if (problem := pattern_problem(pattern)) is not None:
             raise SoupError(f"--allow-factory: {problem}")
-    folders = [*settings.ingredient_roots, *(str(Path(s).parent) for s in sources if Path(s).is_file())]
-    return SpecPolicy.of(settings.allow_factories, folders, specs)
+    folders = [str(Path(source).parent) for source in sources if Path(source).is_file()]
+    return SpecPolicy.of(settings.allow_factories, settings.ingredient_roots, specs, folders)
 
 
 def _tls(settings: Settings) -> Tls | None:

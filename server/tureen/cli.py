@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="a folder pushed specs may read ingredients, evaluation sets and configs from; repeatable "
-        "(always allowed: the folders of the start-up specs and of the files they name, the demo folder)",
+        "(always allowed: the files the start-up specs name, the folders their spec files lie in, the demo folder)",
     )
     serve.add_argument("--tls-cert", metavar="F", help="serve TLS with this certificate (PEM), with --tls-key")
     serve.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")

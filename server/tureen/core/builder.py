@@ -1,4 +1,4 @@
-"""The builder: one build at a time, on one thread of lowered priority.
+"""Builds: one at a time, on one thread of lowered priority, each recorded in its version's lifecycle.
 
 Merging competes with requests for the same cores, and requests should win: the thread runs
 at niceness 10 (Linux), and the OpenMP workers it starts inherit that. Work that is already on
@@ -10,9 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import TypeVar
+
+from tureen.core.blends import Blend
+from tureen.core.kitchen import Kitchen
+from tureen.core.lifecycle import Lifecycle
+from tureen.core.observer import Observer
+from tureen.core.policy import SpecPolicy
+from tureen.core.residency import Residency
+from tureen.core.store import StoredVersion
+from tureen.errors import OutOfMemory, SoupError, VersionConflict
 
 _log = logging.getLogger("tureen.controller")
 T = TypeVar("T")
@@ -42,6 +53,104 @@ class Builder:
     def _enter(self) -> None:
         self._on_builder.active = True
         _lower_priority()
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build in progress."""
+
+    model: str
+    version: int
+    stage: str
+    fraction: float
+    started: float
+
+
+class Builds:
+    """Turns stored versions into blends on the builder, and records what became of each."""
+
+    def __init__(
+        self,
+        kitchen: Kitchen,
+        lifecycle: Lifecycle,
+        residency: Residency,
+        policy: SpecPolicy,
+        observer: Observer,
+        changed: Callable[[], None],
+    ) -> None:
+        """``changed`` is told whenever a build starts, moves on or ends (status watchers wake)."""
+        self.kitchen = kitchen
+        self.lifecycle = lifecycle
+        self.residency = residency
+        self.policy = policy
+        self._observer = observer
+        self._changed = changed
+        self._builder = Builder()
+        self._lock = threading.Lock()
+        self._in_progress: dict[str, Build] = {}
+
+    def submit(self, work: Callable[..., T], *args: object) -> Future[T]:
+        return self._builder.submit(work, *args)
+
+    def build(self, stored: StoredVersion) -> Blend:
+        """Build on the builder thread: queued behind the builds before it, or inline when the
+        caller is a build already (a push that activates). Never call it holding a model lock."""
+        return self._builder.run(self._build_here, stored)
+
+    def progress_of(self, model: str) -> Build | None:
+        with self._lock:
+            return self._in_progress.get(model)
+
+    def shutdown(self) -> None:
+        self._builder.shutdown()
+
+    def _build_here(self, stored: StoredVersion) -> Blend:
+        if stored.state == "failed":
+            raise VersionConflict(
+                f"model {stored.model!r} version {stored.version} failed to build ({stored.reason}); push a fixed spec"
+            )
+        model, version = stored.model, stored.version
+        self._set(model, Build(model, version, "starting", 0.0, time.time()))
+
+        def progress(stage: str, fraction: float) -> None:
+            current = self.progress_of(model)
+            if current is not None:
+                self._set(model, replace(current, stage=stage, fraction=fraction))
+
+        try:
+            if stored.origin != "operator":  # stored by anyone who could push: this replica's flags decide
+                self.policy.check(stored.spec)
+            stored = self.lifecycle.building(stored)
+            budget = self.residency.budget(model, version)
+            blend = self.kitchen.build(stored.spec, version, progress, budget, resolution=stored.resolution)
+        except MemoryError as exc:  # a build that cannot get memory must not take the server down
+            failure = OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}")
+            self._failed(stored, failure)
+            raise failure from None
+        except SoupError as exc:
+            self._failed(stored, exc)
+            raise
+        finally:
+            self._set(model, None)
+        self.lifecycle.built(stored, blend)
+        return blend
+
+    def _failed(self, stored: StoredVersion, exc: SoupError) -> None:
+        """Record a failed build (``Lifecycle.failed``: the spec's fault, or this replica's)."""
+        self._observer.build_failed(stored.model, exc.reason)
+        _log.error("model %s: version %d failed to build: %s", stored.model, stored.version, exc)
+        try:
+            self.lifecycle.failed(stored, exc)
+        except SoupError as store_error:  # the version may have been deleted meanwhile
+            _log.warning("model %s: version %d: cannot record the failure: %s", stored.model, stored.version, store_error)
+
+    def _set(self, model: str, build: Build | None) -> None:
+        with self._lock:
+            if build is None:
+                self._in_progress.pop(model, None)
+            else:
+                self._in_progress[model] = build
+        self._changed()
 
 
 def _lower_priority() -> None:

@@ -1,13 +1,10 @@
 """Versions of each model's soup: push, build beside what serves, swap, roll back, converge.
 
-The controller owns the life of spec versions in one process. Specs are stored first (the
-``SpecStore`` is the truth shared by every replica), built off the request path on one
-builder thread, and swapped in by ``BlendRepository.swap``: a request keeps the blend it
-started on, and an old blend's memory goes when its last request does. Up to ``keep``
-earlier blends per model stay resident, so a rollback to them is a swap and nothing more.
-
-Replicas sharing a store converge by polling each model's active pointer: when another
-process activated a version, this one builds it (or finds it resident) and swaps it in.
+The controller owns the life of spec versions in one process, composed of parts: the
+``SpecStore`` (the truth every replica shares), ``Builds`` (off the request path, one at a
+time), ``Swaps`` (obtain a blend, swap it in under the model's lock), ``Residency`` (kept
+blends, memory), ``Lifecycle`` (stored states) and ``RolloutControl`` (gate, canaries).
+Replicas sharing a store converge by polling it (``poll``). docs/architecture.md draws the map.
 """
 
 from __future__ import annotations
@@ -17,10 +14,9 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
 
 from tureen.core.blends import Blend, BlendRepository, CanaryRoute
-from tureen.core.builder import Builder
+from tureen.core.builder import Builds
 from tureen.core.kitchen import Kitchen
 from tureen.core.lifecycle import Lifecycle, shown_state
 from tureen.core.observer import Observer
@@ -28,38 +24,13 @@ from tureen.core.policy import SpecPolicy
 from tureen.core.residency import Residency
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.rollout_control import RolloutControl
-from tureen.core.store import Pointer, SpecStore, StoredVersion, pointing
-from tureen.errors import ModelNotFound, OutOfMemory, SoupError, SpecInvalid, VersionConflict
+from tureen.core.status import Changes, ModelStatus, model_status
+from tureen.core.store import Pointer, SpecStore, StoredVersion
+from tureen.core.swaps import Swaps
+from tureen.errors import ModelNotFound, SoupError, SpecInvalid, VersionConflict
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.controller")
-
-
-@dataclass(frozen=True)
-class Build:
-    """A build in progress."""
-
-    model: str
-    version: int
-    stage: str
-    fraction: float
-    started: float
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    model: str
-    active: int | None
-    building: Build | None
-    resident: tuple[int, ...]
-    """Versions held in memory besides the active one, newest first."""
-    active_bytes: int
-    resident_bytes: int
-    canary: int = 0
-    canary_percent: float = 0.0
-    online: Mapping[int, tuple[float, int]] = field(default_factory=dict)
-    """Rolling online accuracy and labelled samples of the active version and the canary."""
-    canary_note: str = ""
 
 
 class Controller:
@@ -90,15 +61,15 @@ class Controller:
         self.lifecycle = Lifecycle(store)
         self.online = online if online is not None else OnlineAccuracy()
         self.rollout = RolloutControl(store, repository, self.online, observer, self.lifecycle)
-        self._builder = Builder()
         self._lock = threading.RLock()
-        self._model_locks: dict[str, threading.Lock] = {}
-        self._building: dict[str, Build] = {}
-        self._changed = threading.Condition()
-        self._generation = 0
+        self.changes = Changes()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._given_up: dict[str, int] = {}  # model -> version this replica failed to follow
+        self.builds = Builds(kitchen, self.lifecycle, self.residency, self.policy, observer, self.changes.bump)
+        self.swaps = Swaps(store, repository, self.residency, self.builds, observer, self.changes.bump)
+        self._given_up: dict[str, tuple[int, float]] = {}
+        """model -> (version, when it was activated) this replica failed to follow: not retried
+        until the store's pointer changes (an operator activating it again is a new try)."""
         self._seeded: dict[str, int] = {}
 
     # ---- start-up ----------------------------------------------------------------------------
@@ -110,7 +81,7 @@ class Controller:
         if self.store.pointer(spec.model) is not None:
             _log.info("model %s: the store has an active version; %s is not seeded", spec.model, source)
             return None
-        stored = self.store.push(spec, pushed_by=f"seed {source}")
+        stored = self.store.push(spec, pushed_by=f"seed {source}", origin="operator")
         self._seeded[spec.model] = stored.version
         return stored
 
@@ -133,7 +104,7 @@ class Controller:
             if not version:
                 continue
             try:
-                blends.append(self._activate(model, version, by="seed" if seeded else "", point=seeded is not None))
+                blends.append(self.swaps.activate(model, version, by="seed" if seeded else "", point=seeded is not None))
             except SoupError as exc:
                 raise exc.within((where or {}).get(model, f"model {model!r} version {version}")) from None
             if pointer is not None and pointer.canary:
@@ -147,9 +118,10 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
+        self.changes.close()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
-        self._builder.shutdown()
+        self.builds.shutdown()
 
     # ---- operator actions --------------------------------------------------------------------
 
@@ -169,11 +141,11 @@ class Controller:
         stored = self.store.push(spec, pushed_by=by)
         self.repository.declare(spec.model)
         _log.info("model %s: version %d stored (pushed by %s)", spec.model, stored.version, by or "?")
-        self._bump()
+        self.changes.bump()
         if in_place:
-            future: Future[Blend] = self._builder.submit(self._replace_in_place, stored, by)
+            future: Future[Blend] = self.builds.submit(self._replace_in_place, stored, by)
         else:
-            future = self._builder.submit(self._build_and_maybe_activate, stored, activate, by)
+            future = self.builds.submit(self._build_and_maybe_activate, stored, activate, by)
         if wait:
             future.result()
             return self.store.get(spec.model, stored.version)
@@ -181,7 +153,7 @@ class Controller:
 
     def activate(self, model: str, version: int, by: str) -> StoredVersion:
         """Make ``version`` serve ``model`` now: a swap when resident, else a build first."""
-        self._activate(model, version, by=by)
+        self.swaps.activate(model, version, by=by)
         return self.store.get(model, version)
 
     def rollback(self, model: str, by: str, to: int | None = None) -> StoredVersion:
@@ -199,12 +171,12 @@ class Controller:
         if not history:
             raise VersionConflict(f"model {model!r}: no earlier active version to roll back to (active: {pointer.version})")
         target = history[-1]
-        self._activate(model, target, by=by, history=tuple(history[:-1]))
+        self.swaps.activate(model, target, by=by, history=tuple(history[:-1]))
         return self.store.get(model, target)
 
     def unload(self, model: str, by: str) -> None:
         """Stop serving ``model`` everywhere (its versions stay stored); ``activate`` brings it back."""
-        with self._model_lock(model):
+        with self.swaps.lock(model):
             pointer = self.store.pointer(model)
             if pointer is None or pointer.version == 0:
                 if not self.store.version_numbers(model):
@@ -213,7 +185,7 @@ class Controller:
             self.store.point(model, Pointer(0, (*pointer.history, pointer.version), by, time.time()))
             self.repository.end_canary(model)
             self.residency.retire(model, 0, self.repository.unload(model))
-        self._bump()
+        self.changes.bump()
 
     def load(self, model: str, by: str) -> StoredVersion:
         """Serve ``model`` again: its active version, or the last one active before an unload."""
@@ -225,7 +197,7 @@ class Controller:
         return self.rollback(model, by)
 
     def delete(self, model: str, version: int) -> None:
-        with self._model_lock(model):  # not while an activation of this model swaps and points
+        with self.swaps.lock(model):  # not while an activation of this model swaps and points
             active = self.repository.models().get(model)
             if active is not None and active.version == version:
                 raise VersionConflict(f"model {model!r} version {version} is serving; activate another version first")
@@ -234,7 +206,7 @@ class Controller:
                 raise VersionConflict(f"model {model!r} version {version} is the canary; promote or abort it first")
             self.residency.drop(model, version)
             self.store.delete(model, version)
-        self._bump()
+        self.changes.bump()
 
     def spec(self, model: str, version: int | None = None) -> StoredVersion:
         """A stored version, or the active one when ``version`` is None."""
@@ -263,56 +235,26 @@ class Controller:
         return self._shown_state(stored, self.store.pointer(stored.model))
 
     def _shown_state(self, item: StoredVersion, pointer: Pointer | None) -> str:
-        building = self._building.get(item.model)
+        building = self.builds.progress_of(item.model)
         return shown_state(item, pointer, building.version if building is not None else None)
 
     def status(self) -> list[ModelStatus]:
-        with self._lock:
-            out = []
-            for model, blend in sorted(self.repository.models().items()):
-                resident = self.residency.of(model)
-                route = self.repository.canary(model)
-                serving = [v for v in (blend.version if blend else 0, route.blend.version if route else 0) if v]
-                out.append(
-                    ModelStatus(
-                        model=model,
-                        active=blend.version if blend else None,
-                        building=self._building.get(model),
-                        resident=tuple(b.version for b in resident),
-                        active_bytes=blend.nbytes if blend else 0,
-                        resident_bytes=sum(b.nbytes for b in resident),
-                        canary=route.blend.version if route else 0,
-                        canary_percent=route.percent if route else 0.0,
-                        online={v: self.online.rolling(model, v) for v in serving},
-                        canary_note=self.rollout.note(model),
-                    )
-                )
-            return out
-
-    @property
-    def generation(self) -> int:
-        """Bumped on every change of status; ``wait_for_change`` waits for it to move."""
-        return self._generation
-
-    def wake(self) -> None:
-        """Wake every ``wait_for_change`` (a watcher that went away must not hold its thread)."""
-        self._bump()
-
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        with self._changed:
-            self._changed.wait_for(lambda: self._generation != seen or self._stop.is_set(), timeout=timeout)
-            return self._generation
+        """Every model's status, as this replica sees it."""
+        return [
+            model_status(model, blend, self.repository, self.residency, self.builds, self.rollout)
+            for model, blend in sorted(self.repository.models().items())
+        ]
 
     # ---- canaries: the rollout part decides, the controller swaps -----------------------------
 
     def promote_canary(self, model: str, by: str, why: str = "by hand", route: CanaryRoute | None = None) -> StoredVersion:
         """The canary becomes the active version (one swap); the old active one is kept for rollback.
         With ``route``, only that canary: one judged by feedback, not one started since."""
-        self._known(model)
+        self.rollout.known(model)
         route = route or self.repository.canary(model)
         if route is None:
             raise VersionConflict(f"model {model!r} has no canary to promote")
-        self._promote(model, route, by)
+        self.swaps.promote(model, route, by)
         self.rollout.promoted(model, route.blend.version, why)
         return self.store.get(model, route.blend.version)
 
@@ -320,10 +262,10 @@ class Controller:
         self, model: str, by: str, why: str = "by hand", reject: bool = False, route: CanaryRoute | None = None
     ) -> StoredVersion:
         """All traffic back to the active version; an automatic rollback marks the canary rejected."""
-        self._known(model)
-        with self._model_lock(model):
+        self.rollout.known(model)
+        with self.swaps.lock(model):
             version = self.rollout.abort(model, by, why, reject, route)
-        self._bump()
+        self.changes.bump()
         return self.store.get(model, version)
 
     def feedback(self, model: str, request_id: str, labels: list[int]) -> int | None:
@@ -343,10 +285,6 @@ class Controller:
             _log.error("model %s: canary decision %r failed: %s", model, judged.verdict.decision, exc)
         return judged.version
 
-    def _known(self, model: str) -> None:
-        if model not in self.repository.models():
-            raise ModelNotFound(f"model {model!r} is not served here")
-
     # ---- following the store (other replicas, restarts) ---------------------------------------
 
     def poll(self) -> None:
@@ -362,8 +300,8 @@ class Controller:
                     self._follow_unload(model, pointer)
             elif current is not None and current.version == pointer.version:
                 self._follow_canary(model, pointer)
-            elif self._given_up.get(model) != pointer.version and model not in self._building:
-                self._follow(model, pointer.version)
+            elif self._given_up.get(model) != (pointer.version, pointer.at) and self.builds.progress_of(model) is None:
+                self._follow(model, pointer)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
@@ -372,69 +310,63 @@ class Controller:
             except Exception:  # a bad moment on a shared volume must not end the watch
                 _log.exception("store watch failed; retrying")
 
-    def _follow(self, model: str, version: int) -> None:
+    def _follow(self, model: str, pointed: Pointer) -> None:
         """Serve the version another replica activated, if the store still points there once built."""
+        version = pointed.version
         _log.info("model %s: version %d was activated elsewhere; following", model, version)
         try:
-            blend = self._obtain(model, version)
-            with self._model_lock(model):
-                pointer = self.store.pointer(model)
-                if pointer is None or pointer.version != version:
-                    return  # activated again elsewhere meanwhile: the next poll follows that
-                self._swap_in(model, version, blend, time.perf_counter())
+            self.swaps.follow(model, version)
         except SoupError as exc:
-            self._given_up[model] = version
+            self._given_up[model] = (version, pointed.at)
             _log.error("model %s: cannot follow version %d: %s", model, version, exc)
-            return
-        self._bump()
 
     def _follow_unload(self, model: str, pointer: Pointer) -> None:
-        with self._model_lock(model):
+        with self.swaps.lock(model):
             if (self.store.pointer(model) or pointer).version == 0:
                 self.repository.end_canary(model)
                 self.residency.retire(model, 0, self.repository.unload(model))  # unloaded elsewhere
-        self._bump()
+        self.changes.bump()
 
     def _follow_canary(self, model: str, pointer: Pointer) -> None:
         """Start or end the canary the store names, as another replica (or a restart) left it."""
         if self.rollout.ended_elsewhere(model, pointer):
-            with self._model_lock(model):
+            with self.swaps.lock(model):
                 if (self.store.pointer(model) or pointer).canary == 0:
                     self.repository.end_canary(model)
-            self._bump()
+            self.changes.bump()
             return
         stored = self.rollout.to_start(model, pointer)
         if stored is None:
             return
         try:
-            blend = self._build(stored)
+            blend = self.builds.build(stored)
         except SoupError as exc:
             self.rollout.cannot_follow(model, stored.version, exc)
             return
-        with self._model_lock(model):
+        with self.swaps.lock(model):
             self.rollout.start(model, blend, by="", follow=True)
-        self._bump()
+        self.changes.bump()
 
     # ---- the work: build, then swap under the model's lock -------------------------------------
 
     def _build_and_maybe_activate(self, stored: StoredVersion, activate: bool, by: str) -> Blend:
         rollout = stored.spec.rollout
         if activate and rollout is None:
-            return self._activate(stored.model, stored.version, by=by)
+            return self.swaps.activate(stored.model, stored.version, by=by)
         model = stored.model
-        blend = self._build(stored)
+        blend = self.builds.build(stored)
         if activate and rollout is not None:
             active = self.repository.models().get(model)
             self.rollout.gate(stored, blend, active)
             if rollout.canary is not None and active is not None:
-                with self._model_lock(model):
+                with self.swaps.lock(model):
                     self.rollout.start(model, blend, by)
-                self._bump()
+                self.changes.bump()
                 return blend
         self.residency.add(model, blend)
         if activate:
-            return self._activate(model, stored.version, by=by)
-        self._bump()
+            return self.swaps.activate(model, stored.version, by=by)
+        self.changes.bump()
         return blend
 
     def _replace_in_place(self, stored: StoredVersion, by: str) -> Blend:
@@ -442,7 +374,7 @@ class Controller:
         (UNAVAILABLE) instead of needing room for two blends. A failed build brings the previous
         version back, built again, and raises the failure."""
         model = stored.model
-        with self._model_lock(model):
+        with self.swaps.lock(model):
             self.repository.end_canary(model)
             previous = self.repository.unload(model, pause=True)
             self.residency.drop(model)
@@ -450,113 +382,8 @@ class Controller:
             del previous  # its memory goes as soon as the requests on it finish
         _log.warning("model %s: in-place swap to version %d: paused until it serves", model, stored.version)
         try:
-            return self._activate(model, stored.version, by=by)
+            return self.swaps.activate(model, stored.version, by=by)
         except BaseException:
             if back is not None:
-                self._activate(model, back, by=by, point=False)
+                self.swaps.activate(model, back, by=by, point=False)
             raise
-
-    def _activate(
-        self, model: str, version: int, *, by: str, point: bool = True, history: tuple[int, ...] | None = None
-    ) -> Blend:
-        """Make ``version`` serve ``model``: obtain its blend (building it with no lock held), then
-        swap and, with ``point``, write the store's pointer, together under the model's lock.
-        ``history``: the pointer's history after the swap (a rollback's); default, the store's."""
-        requested = time.perf_counter()
-        blend = self._obtain(model, version)
-        with self._model_lock(model):
-            self._swap_in(model, version, blend, requested)
-            if point:
-                self.store.point(model, pointing(self.store.pointer(model), version, by, time.time(), history))
-        self._bump()
-        return blend
-
-    def _promote(self, model: str, route: CanaryRoute, by: str) -> None:
-        """Swap the canary's blend in (built, warmed up and serving a share already: never built
-        again), only while it is still the model's canary in this process and in the store."""
-        requested, version = time.perf_counter(), route.blend.version
-        with self._model_lock(model):
-            pointer = self.store.pointer(model)
-            if self.repository.canary(model) is not route or pointer is None or pointer.canary != version:
-                raise VersionConflict(f"model {model!r}: the canary of version {version} ended meanwhile")
-            self._swap_in(model, version, route.blend, requested)
-            self.store.point(model, pointing(pointer, version, by, time.time()))
-        self._bump()
-
-    def _obtain(self, model: str, version: int) -> Blend:
-        """The blend of ``version``: the serving one, a resident one, or a new build."""
-        current = self.repository.models().get(model)
-        if current is not None and current.version == version:
-            return current
-        return self.residency.get(model, version) or self._build(self.store.get(model, version))
-
-    def _swap_in(self, model: str, version: int, blend: Blend, requested: float) -> None:
-        """Serve ``blend`` (the caller holds the model's lock); the blend it replaces is kept
-        resident, and a canary ends after the swap, so a promoted canary's share never dips."""
-        self.store.get(model, version)  # deleted meanwhile? then ModelNotFound, nothing swapped
-        current = self.repository.models().get(model)
-        if current is None or current.version != version:
-            previous = self.repository.swap(blend)
-            self._observer.blend_swapped(model, version, time.perf_counter() - requested)
-            self.residency.retire(model, version, previous)
-            _log.info("model %s: serving version %d", model, version)
-        self.repository.end_canary(model)
-
-    def _build(self, stored: StoredVersion) -> Blend:
-        """Build on the builder thread: queued behind the builds before it, or inline when the
-        caller is a build already (a push that activates). Never called holding a model lock."""
-        return self._builder.run(self._build_here, stored)
-
-    def _build_here(self, stored: StoredVersion) -> Blend:
-        if stored.state == "failed":
-            raise VersionConflict(
-                f"model {stored.model!r} version {stored.version} failed to build ({stored.reason}); push a fixed spec"
-            )
-        model, version = stored.model, stored.version
-        self._set_building(Build(model, version, "starting", 0.0, time.time()))
-
-        def progress(stage: str, fraction: float) -> None:
-            self._set_building(replace(self._building[model], stage=stage, fraction=fraction))
-
-        try:
-            stored = self.lifecycle.building(stored)
-            blend = self.kitchen.build(
-                stored.spec, version, progress, self.residency.budget(model, version), resolution=stored.resolution
-            )
-        except MemoryError as exc:  # a build that cannot get memory must not take the server down
-            failure = OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}")
-            self._failed(stored, failure)
-            raise failure from None
-        except SoupError as exc:
-            self._failed(stored, exc)
-            raise
-        finally:
-            self._set_building(None, model)
-        self.lifecycle.built(stored, blend)
-        return blend
-
-    def _failed(self, stored: StoredVersion, exc: SoupError) -> None:
-        """Record a failed build (``Lifecycle.failed``: the spec's fault, or this replica's)."""
-        self._observer.build_failed(stored.model, exc.reason)
-        _log.error("model %s: version %d failed to build: %s", stored.model, stored.version, exc)
-        try:
-            self.lifecycle.failed(stored, exc)
-        except SoupError as store_error:  # the version may have been deleted meanwhile
-            _log.warning("model %s: version %d: cannot record the failure: %s", stored.model, stored.version, store_error)
-
-    def _model_lock(self, model: str) -> threading.Lock:
-        with self._lock:
-            return self._model_locks.setdefault(model, threading.Lock())
-
-    def _set_building(self, build: Build | None, model: str = "") -> None:
-        with self._lock:
-            if build is None:
-                self._building.pop(model, None)
-            else:
-                self._building[build.model] = build
-        self._bump()
-
-    def _bump(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()

@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tureen.core.architecture import outputs_by_name
-from tureen.core.ingredients import decoder_detail
+from tureen.core.ingredients import safetensors_problem
 from tureen.core.signature import Signature
 from tureen.errors import EvaluationError, EvaluationMissing, OutOfMemory, SoupError
-from tureen.spec import HIGHER_IS_BETTER, EvalSet, Evaluation
+from tureen.spec import METRICS, TASK_METRICS, EvalSet, Evaluation
 
 ECE_BINS = 15
 Scores = dict[str, float]
@@ -98,7 +98,7 @@ class Evaluator:
         value = scores[self.metric]
         if not math.isfinite(value):  # a diverged candidate (NaN, inf) ranks below every finite one
             return -math.inf
-        return value if HIGHER_IS_BETTER[self.metric] else -value
+        return value if METRICS[self.metric].higher_is_better else -value
 
     def module_forward(self, module: nn.Module) -> Forward:
         return lambda inputs: module(**inputs)
@@ -109,25 +109,28 @@ class Evaluator:
         cast = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in state.items()}
         return lambda inputs: torch.func.functional_call(module, cast, args=(), kwargs=dict(inputs))
 
+    def _split_row(self, row: object, i: int, names: tuple[str, ...], where: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One batch of a split as (the model's inputs, the labels), or an error naming what is missing."""
+        if not isinstance(row, Mapping):
+            raise EvaluationError(f"{where}: batch {i} is a {type(row).__name__}, not a mapping of tensors")
+        missing = [n for n in names if n not in row]
+        if missing:
+            raise EvaluationError(
+                f"{where}: no tensor {missing[0]!r} for the model's input (inputs: {', '.join(names)}; has: {', '.join(row)})"
+            )
+        labels = row.get(self.evaluation.labels)
+        if labels is None and self.evaluation.task == "language-modeling":
+            labels = row[names[0]]  # a language model predicts its own input ids
+        if labels is None:
+            raise EvaluationError(f"{where}: no {self.evaluation.labels!r} tensor (has: {', '.join(row)})")
+        return {n: row[n] for n in names}, labels
+
     def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str) -> list[Batch]:
         names = tuple(self.signature.inputs)
         label_name = self.evaluation.labels
-        language = self.evaluation.task == "language-modeling"
         batches: list[Batch] = []
         for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise EvaluationError(f"{where}: batch {i} is a {type(row).__name__}, not a mapping of tensors")
-            missing = [n for n in names if n not in row]
-            if missing:
-                raise EvaluationError(
-                    f"{where}: no tensor {missing[0]!r} for the model's input (inputs: {', '.join(names)}; has: {', '.join(row)})"
-                )
-            labels = row.get(label_name)
-            if labels is None and language:
-                labels = row[names[0]]  # a language model predicts its own input ids
-            if labels is None:
-                raise EvaluationError(f"{where}: no {label_name!r} tensor (has: {', '.join(row)})")
-            inputs = {n: row[n] for n in names}
+            inputs, labels = self._split_row(row, i, names, where)
             rows_in = {t.shape[0] if t.dim() else 0 for t in [*inputs.values(), labels]}
             if rows_in == {0}:
                 continue  # an empty batch adds nothing; a split with no rows at all is reported below
@@ -202,10 +205,13 @@ class _Totals:
             raise EvaluationError("evaluation: no labelled rows or tokens to score")
         nll = self.nll / self.count
         if task == "language-modeling":
-            return {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}
-        filled = self.bin_count > 0
-        gaps = (self.bin_confidence[filled] - self.bin_correct[filled]).abs()
-        return {"accuracy": self.correct / self.count, "nll": nll, "ece": float(gaps.sum()) / self.count}
+            values = {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}
+        else:
+            filled = self.bin_count > 0
+            gaps = (self.bin_confidence[filled] - self.bin_correct[filled]).abs()
+            values = {"accuracy": self.correct / self.count, "nll": nll, "ece": float(gaps.sum()) / self.count}
+        # The metrics table decides what a task reports (and in which order), for every reader alike.
+        return {name: values[name] for name in TASK_METRICS[task]}
 
 
 def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
@@ -216,7 +222,7 @@ def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
         try:
             return [load_file(str(path))]
         except (SafetensorError, OSError, ValueError) as exc:
-            raise EvaluationError(f"{where}.path: not a readable safetensors file: {decoder_detail(exc)}") from None
+            raise EvaluationError(f"{where}.path: not a readable safetensors file: {safetensors_problem(exc)}") from None
     module_name, _, attribute = str(source.factory).partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)

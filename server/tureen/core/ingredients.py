@@ -153,8 +153,10 @@ def checkpoint_files(path: Path, where: str) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 shards = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise IngredientCorrupt(f"{where}: {index_name} is not a readable shard index: {exc}") from None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise IngredientCorrupt(
+                    f"{where}: {index_name} is not a readable shard index (JSON with a 'weight_map')"
+                ) from None
             if not all(isinstance(shard, str) and _inside(shard) for shard in shards):
                 # The index is data: it may not send the read to a file outside its directory.
                 raise IngredientCorrupt(f"{where}: {index_name} names a shard outside the directory")
@@ -186,14 +188,14 @@ def _decode(data: bytes, path: str, where: str) -> dict[str, torch.Tensor]:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise IngredientCorrupt(
-                f"{where}: not a weights-only torch checkpoint ({_unpickler_reason(exc)}); checkpoints load without "
+                f"{where}: not a weights-only torch checkpoint ({pickle_problem(exc)}); checkpoints load without "
                 "running code, so save a state dict of tensors (or safetensors)"
             ) from None
         return _as_state_dict(loaded, where)
     try:
         return safetensors.torch.load(data)
     except Exception as exc:
-        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {decoder_detail(exc)}") from None
+        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {safetensors_problem(exc)}") from None
 
 
 def _as_state_dict(loaded: object, where: str) -> dict[str, torch.Tensor]:
@@ -217,20 +219,34 @@ def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             raise IngredientCorrupt(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s)")
 
 
-_QUOTED = re.compile(r"\"[^\"]*\"|`[^`]*`|'[^']*'")
+_SAFETENSORS_PROBLEMS = (
+    "header too large",
+    "header too small",
+    "invalid header length",
+    "invalid JSON in header",
+    "invalid UTF-8 in header",
+    "incomplete metadata",
+    "invalid offset for tensor",
+    "invalid shape, data type, or offset for tensor",
+)
+_POSITION = re.compile(r"at line \d+ column \d+")
 
 
-def _unpickler_reason(exc: BaseException) -> str:
-    """What torch's weights-only unpickler refused, without its advice to trust the file instead."""
-    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
-    reason = next((line.strip() for line in rest.splitlines() if line.strip()), "") if marker else ""
-    reason = re.sub(r"operand \d+", "opcode", reason.split(". Please")[0])  # the number is a byte of the file
-    return decoder_detail(reason or exc)
+def safetensors_problem(exc: BaseException) -> str:
+    """What is wrong with a safetensors file, in the decoder's own fixed words only: its
+    messages go on to quote what they choked on, and an error must not carry a file's bytes
+    back to whoever named the file."""
+    text = str(exc)
+    problem = next((known for known in _SAFETENSORS_PROBLEMS if known in text), "its header cannot be read")
+    position = _POSITION.search(text)
+    return f"{problem} {position.group(0)}" if position and problem == "invalid JSON in header" else problem
 
 
-def decoder_detail(exc: BaseException | str) -> str:
-    """The first line of a decoder's complaint, less what it quoted: decoders quote the bytes
-    they choked on, and an error message must not carry a file's contents back to the caller."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return _QUOTED.sub("...", line)[:200]
+def pickle_problem(exc: BaseException) -> str:
+    """Why weights-only loading refused a file, without the names or bytes torch quotes."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return "it holds Python objects other than tensors"
+    if "Unsupported operand" in text or "load key" in text or "opcode" in text:
+        return "it is not a torch checkpoint"
+    return "weights-only loading refused it"

@@ -20,7 +20,7 @@ from typing import Any
 
 from tureen.core.blends import Blend
 from tureen.core.store import Pointer, SpecStore, State, StoredVersion
-from tureen.errors import EvaluationMissing, IngredientMissing, OutOfMemory, SoupError, StoreError
+from tureen.errors import EvaluationMissing, IngredientMissing, OutOfMemory, PermissionDenied, SoupError, StoreError
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     "stored": frozenset({"building"}),
@@ -34,8 +34,8 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
 
 SETTLED: frozenset[State] = frozenset({"ready", "rejected"})
 
-LOCAL_FAILURES = (OutOfMemory, IngredientMissing, EvaluationMissing, StoreError)
-"""Build failures that say something about this replica, not about the spec."""
+LOCAL_FAILURES = (OutOfMemory, IngredientMissing, EvaluationMissing, StoreError, PermissionDenied)
+"""Build failures that say something about this replica (its memory, its files, its flags), not about the spec."""
 
 
 class IllegalTransition(SoupError):
@@ -66,7 +66,7 @@ class Lifecycle:
 
     def building(self, stored: StoredVersion) -> StoredVersion:
         """A build starts; a settled version keeps its verdict."""
-        return stored if stored.state in SETTLED else self._move(stored, "building")
+        return stored if stored.state in SETTLED else self.move(stored, "building")
 
     def built(self, stored: StoredVersion, blend: Blend) -> StoredVersion:
         """The build's facts go with the version; a new one becomes ready, a settled one stays."""
@@ -87,14 +87,15 @@ class Lifecycle:
         (``LOCAL_FAILURES``) puts the version back as it was, so others may still serve it."""
         if isinstance(error, LOCAL_FAILURES):
             back: State = "stored" if stored.state == "building" else stored.state
-            return stored if back == stored.state else self._move(stored, back)
-        return self._move(stored, "failed", str(error))
+            return stored if back == stored.state else self.move(stored, back)
+        return self.move(stored, "failed", str(error))
 
     def rejected(self, stored: StoredVersion, reason: str) -> StoredVersion:
         """The gate or a canary rollback kept the version from serving."""
-        return self._move(self.store.get(stored.model, stored.version), "rejected", reason)
+        return self.move(self.store.get(stored.model, stored.version), "rejected", reason)
 
-    def _move(self, stored: StoredVersion, state: State, reason: str = "") -> StoredVersion:
+    def move(self, stored: StoredVersion, state: State, reason: str = "") -> StoredVersion:
+        """Record ``state`` (and ``reason``) for the version; ``IllegalTransition`` if its state does not lead there."""
         self._check(stored, state)
         return self.store.record(stored, state, reason)
 

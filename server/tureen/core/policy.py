@@ -9,7 +9,9 @@ names is opened.
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from tureen.errors import PermissionDenied
 from tureen.spec import SoupSpec
+
+_log = logging.getLogger("tureen.policy")
 
 BUILTIN_FACTORIES = ("tureen.demo.models:*",)
 """Tureen's own architectures, always allowed (the Hugging Face builder needs no factory)."""
@@ -28,7 +32,9 @@ def factory_allowed(factory: str, pattern: str) -> bool:
     The module part is a glob over the dotted name (``mycompany.*`` takes its submodules too);
     the callable part is matched segment by segment, so ``mycompany.models:*`` allows
     ``mycompany.models:build`` but not ``mycompany.models:os.system``, an attribute path through
-    a module that ``mycompany.models`` happens to import.
+    a module that ``mycompany.models`` happens to import, nor ``_private`` or ``__dunder__``
+    names unless the pattern writes the underscore. It does allow every other name the module
+    has, the ones it imports included: name the factories when the module imports callables.
     """
     module, _, attribute = factory.partition(":")
     want_module, _, want_attribute = pattern.partition(":")
@@ -36,8 +42,14 @@ def factory_allowed(factory: str, pattern: str) -> bool:
     return (
         fnmatchcase(module, want_module)
         and len(parts) == len(wanted)
-        and all(fnmatchcase(part, want) for part, want in zip(parts, wanted, strict=True))
+        and all(_segment_allowed(part, want) for part, want in zip(parts, wanted, strict=True))
     )
+
+
+def _segment_allowed(part: str, want: str) -> bool:
+    # A glob never reaches private or dunder names (``__init__`` of a live module, say): only a
+    # pattern that spells the underscore out does.
+    return fnmatchcase(part, want) and (not part.startswith("_") or want.startswith("_"))
 
 
 def pattern_problem(pattern: str) -> str | None:
@@ -50,31 +62,48 @@ def pattern_problem(pattern: str) -> str | None:
 
 @dataclass(frozen=True)
 class SpecPolicy:
-    """The factories and folders a pushed spec may name; everything else is PERMISSION_DENIED."""
+    """The factories and files a pushed spec may name; everything else is PERMISSION_DENIED."""
 
     factories: tuple[str, ...] = BUILTIN_FACTORIES
     """Globs over ``module:callable`` (see ``factory_allowed``) and exact factory names."""
     roots: tuple[Path, ...] = ()
-    """Resolved folders: a pushed spec's ingredient, evaluation and config paths must lie inside one."""
+    """Resolved folders: a pushed spec's ingredient, evaluation and config paths may lie inside one."""
+    files: frozenset[Path] = frozenset()
+    """Resolved files a pushed spec may name besides: those the start-up specs name."""
 
     @classmethod
     def of(
-        cls, allow_factories: Iterable[str], roots: Iterable[str | os.PathLike[str]], startup: Iterable[SoupSpec] = ()
+        cls,
+        allow_factories: Iterable[str],
+        roots: Iterable[str | os.PathLike[str]],
+        startup: Iterable[SoupSpec] = (),
+        startup_folders: Iterable[str | os.PathLike[str]] = (),
     ) -> SpecPolicy:
-        """The operator's flags, plus what the start-up specs name: their exact factories and the
-        folders of their files, so that a served spec, edited and pushed again, is accepted."""
-        specs = list(startup)
+        """The operator's flags, plus what the start-up specs name: their exact factories and
+        files, the folders they name, and the folders their spec files lie in (so that a served
+        spec, edited and pushed again, is accepted). A folder taken implicitly that would open
+        too much (``/``, the home folder, the temporary folder itself) is left out, with a warning."""
         factories = [*BUILTIN_FACTORIES, *allow_factories]
-        folders = [*roots]
-        for spec in specs:
+        folders = [_real(root) for root in roots]
+        implicit = [*startup_folders]
+        files: set[Path] = set()
+        for spec in startup:
             factories += [f for _, f in _factories(spec) if not any(factory_allowed(f, known) for known in factories)]
-            folders += [path if Path(path).is_dir() else Path(path).parent for _, path in _paths(spec)]
-        resolved: list[Path] = []
-        for folder in folders:
-            real = Path(os.path.realpath(folder))
-            if real not in resolved:
-                resolved.append(real)
-        return cls(tuple(factories), tuple(resolved))
+            for _, path in _paths(spec):
+                if Path(path).is_dir():
+                    implicit.append(path)
+                else:
+                    files.add(_real(path))
+        for folder in map(_real, implicit):
+            if folder in _too_broad():
+                _log.warning(
+                    "not letting pushed specs read everything under %s (a start-up spec lies there); "
+                    "use --ingredient-root DIR for the folders they may read",
+                    folder,
+                )
+            elif folder not in folders:
+                folders.append(folder)
+        return cls(tuple(factories), tuple(dict.fromkeys(folders)), frozenset(files))
 
     def check(self, spec: SoupSpec) -> None:
         """Raise ``PermissionDenied`` naming every field that reaches outside this policy."""
@@ -94,16 +123,24 @@ class SpecPolicy:
         )
 
     def _path_problem(self, field: str, path: str) -> str | None:
-        real = Path(os.path.realpath(path))  # symlinks and '..' resolved before the check
-        if any(real == root or real.is_relative_to(root) for root in self.roots):
+        real = _real(path)  # symlinks and '..' resolved before the check
+        if real in self.files or any(real == root or real.is_relative_to(root) for root in self.roots):
             return None
-        if not self.roots:
+        if not self.roots and not self.files:
             return f"{field}: this server reads no files for pushed specs; start it with --ingredient-root DIR"
-        roots = ", ".join(str(root) for root in self.roots)
+        roots = ", ".join(str(root) for root in self.roots) or "none: only the files the start-up specs name"
         return (
             f"{field}: {path!r} lies outside the ingredient roots ({roots}); "
             "the operator can add a folder with --ingredient-root DIR"
         )
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def _too_broad() -> set[Path]:
+    return {_real("/"), _real(Path.home()), _real(tempfile.gettempdir())}
 
 
 def _factories(spec: SoupSpec) -> Iterator[tuple[str, str]]:

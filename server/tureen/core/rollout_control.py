@@ -18,6 +18,7 @@ from tureen.core.observer import Observer
 from tureen.core.rollout import OnlineAccuracy, Verdict, check_gate, decide
 from tureen.core.store import Pointer, SpecStore, StoredVersion
 from tureen.errors import GateRejected, InvalidRequest, ModelNotFound, SoupError, VersionConflict
+from tureen.spec import name_problem
 
 _log = logging.getLogger("tureen.controller")
 
@@ -49,6 +50,11 @@ class RolloutControl:
     def note(self, model: str) -> str:
         """The last thing that happened to the model's canary, for status."""
         return self._notes.get(model, "")
+
+    def known(self, model: str) -> None:
+        """Raise ``ModelNotFound`` unless ``model`` is served here."""
+        if model not in self.repository.models():
+            raise ModelNotFound(f"model {model!r} is not served here")
 
     def gate(self, stored: StoredVersion, blend: Blend, active: Blend | None) -> None:
         """Refuse a candidate the rollout gate finds worse; it is stored as rejected, with both numbers."""
@@ -114,8 +120,9 @@ class RolloutControl:
                 raise InvalidRequest(f"{field}: required")
         if not labels:
             raise InvalidRequest("labels: give the true class of each row of the request")
-        if model not in self.repository.models():
-            raise ModelNotFound(f"model {model!r} is not served here")
+        if (problem := name_problem(model)) is not None:
+            raise InvalidRequest(f"model: {problem}")
+        self.known(model)
         try:
             prediction = self.online.labelled(model, request_id, labels)
         except ValueError as exc:

@@ -22,7 +22,7 @@ from tureen.core.evaluation import Batch, Evaluator, Scores
 from tureen.core.ingredients import Ingredient
 from tureen.core.recipe import mix
 from tureen.errors import SpecInvalid
-from tureen.merge.methods import SEARCHES
+from tureen.merge.methods import SEARCHES, MethodDecl
 from tureen.spec import MergeSpec, SoupSpec
 
 _log = logging.getLogger("tureen.search")
@@ -39,8 +39,29 @@ class Resolution:
     log: dict[str, Any] = field(default_factory=dict)
 
 
+Run = Callable[[SoupSpec, Mapping[str, Ingredient], nn.Module, Evaluator, Report], Resolution]
+"""Runs one search: the spec, its ingredients, the architecture, the evaluator, a progress hook."""
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search: its declaration (in ``tureen.merge.methods``, which specs validate against
+    without torch) and the function that runs it."""
+
+    decl: MethodDecl
+    run: Run
+
+
 def needs_search(spec: SoupSpec) -> bool:
     return spec.merge.method in SEARCHES or spec.merge.grid is not None
+
+
+def lookup_search(name: str) -> Search:
+    """The search called ``name``; the error lists the searches that exist."""
+    try:
+        return SEARCH_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown search {name!r} (known: {', '.join(sorted(SEARCH_REGISTRY))})") from None
 
 
 def resolved_spec(spec: SoupSpec, merge: Mapping[str, Any]) -> SoupSpec:
@@ -55,12 +76,13 @@ def resolved_spec(spec: SoupSpec, merge: Mapping[str, Any]) -> SoupSpec:
 def search(
     spec: SoupSpec, ingredients: Mapping[str, Ingredient], module: nn.Module, evaluator: Evaluator, report: Report
 ) -> Resolution:
-    """Run the spec's search; ``module`` is the architecture, run functionally with each candidate."""
-    if spec.merge.method == "greedy":
-        return _greedy(spec, ingredients, module, evaluator, report)
-    if spec.merge.method == "learned":
-        return _learned(spec, ingredients, module, evaluator, report)
-    return _grid(spec, ingredients, module, evaluator, report)
+    """Run the spec's search; ``module`` is the architecture, run functionally with each candidate.
+
+    A grid belongs to the spec's merge method (``merge.grid``), not to a named search, so it is
+    routed on its own; the spec refuses a grid on a search method.
+    """
+    run = _grid if spec.merge.grid is not None else lookup_search(spec.merge.method).run
+    return run(spec, ingredients, module, evaluator, report)
 
 
 def _score(
@@ -177,6 +199,12 @@ def _learned(
     merge = _learned_merge(names, layers, best_weights.cpu(), per_layer, top_level)
     log = {"search": "learned", "split": ev.selected, "metric": metric, "history": history, "best": best_value}
     return Resolution(merge, log)
+
+
+SEARCH_REGISTRY: Mapping[str, Search] = {
+    entry.decl.name: entry for entry in (Search(SEARCHES["greedy"], _greedy), Search(SEARCHES["learned"], _learned))
+}
+"""Every search by name; tests check that it pairs every declaration in ``SEARCHES``."""
 
 
 def _loss(result: Any, batch: Batch, ev: Evaluator) -> torch.Tensor:

@@ -31,6 +31,7 @@ from tureen.errors import InvalidRequest, ModelNotFound, SoupError, StoreError, 
 from tureen.spec import SoupSpec, name_problem, parse_spec, spec_document
 
 State = Literal["stored", "building", "ready", "failed", "rejected"]
+Origin = Literal["operator", "pushed"]
 _VERSION_FILE = re.compile(r"^(\d{8})\.json$")
 _TAKEN = re.compile(r"^(\d{8})\.(?:json|deleted)$")
 
@@ -55,6 +56,9 @@ class StoredVersion:
     """Each ingredient's scores alone, by ingredient, split and metric."""
     resolution: dict[str, Any] | None = None
     """A searched recipe's outcome: the merge section it resolved to and the search's log."""
+    origin: Origin = "pushed"
+    """``operator``: seeded from the command line; ``pushed``: arrived over the wire, so every
+    build holds it to the policy of the replica that builds it (a version without one: pushed)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,16 @@ class SpecStore:
 
     # ---- versions --------------------------------------------------------------------------
 
-    def push(self, spec: SoupSpec, pushed_by: str) -> StoredVersion:
+    def push(self, spec: SoupSpec, pushed_by: str, origin: Origin = "pushed") -> StoredVersion:
         """Store ``spec`` as the model's next version, durably, and return it."""
         folder = self._versions(spec.model)
-        record = {"model": spec.model, "spec": spec_document(spec), "pushed_by": pushed_by, "pushed_at": time.time()}
+        record = {
+            "model": spec.model,
+            "spec": spec_document(spec),
+            "pushed_by": pushed_by,
+            "pushed_at": time.time(),
+            "origin": origin,
+        }
         tmp = self._write_temp(folder, record)
         try:
             version = self._next_version(spec.model)
@@ -116,7 +126,7 @@ class SpecStore:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        return StoredVersion(spec.model, version, spec, pushed_by, record["pushed_at"])  # type: ignore[arg-type]
+        return StoredVersion(spec.model, version, spec, pushed_by, record["pushed_at"], origin=origin)  # type: ignore[arg-type]
 
     def get(self, model: str, version: int) -> StoredVersion:
         path = self._versions(model, create=False) / f"{version:08d}.json"
@@ -141,6 +151,7 @@ class SpecStore:
             evaluation=dict(state.get("evaluation", {})),
             ingredient_evaluation=dict(state.get("ingredient_evaluation", {})),
             resolution=state.get("resolution"),
+            origin="operator" if record.get("origin") == "operator" else "pushed",
         )
 
     def versions(self, model: str) -> list[StoredVersion]:

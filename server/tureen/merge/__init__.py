@@ -1,5 +1,6 @@
-"""Merge math: pure tensor functions, their declarations, and the one registry pairing them.
+"""Merge math: pure tensor functions, the record of each method, and the one registry pairing them.
 
-``methods`` (declarations) imports no torch, so specs validate without it; ``registry`` pairs
-each declaration with its function. Nothing is imported here, to keep it that way.
+``params`` and ``methods`` (the records) import no torch, so specs validate without it; a
+record names its tensor function in ``combine``, and ``registry`` resolves the names. Nothing
+is imported here, to keep it that way.
 """

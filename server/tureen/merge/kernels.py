@@ -83,19 +83,10 @@ def task_vector_kernel(
     """
     b = base.float()
     index = torch.arange(b.numel(), device=b.device) if sparsify == "random" else None
-    weighted = []
-    for i, tensor in enumerate(tensors):
-        delta = tensor.float() - b
-        if sparsify == "magnitude":
-            delta = torch.where(delta.abs() > low[i], delta, 0.0)
-        elif sparsify == "outliers":
-            magnitude = delta.abs()
-            delta = torch.where((magnitude > low[i]) & (magnitude <= high[i]), delta, 0.0)
-        elif sparsify == "random" and index is not None:
-            delta = torch.where(uniform(index, seeds[i]) < low[i], delta, 0.0)
-            if rescale:
-                delta = delta / low[i]
-        weighted.append(delta * weights[i])
+    weighted = [
+        _thinned(tensor.float() - b, low[i], high[i], seeds[i], index, sparsify, rescale) * weights[i]
+        for i, tensor in enumerate(tensors)
+    ]
     if consensus is None:
         merged = weighted[0]
         for item in weighted[1:]:
@@ -103,19 +94,48 @@ def task_vector_kernel(
         if normalize:
             merged = merged / weights.sum()
     else:
-        vote = weighted[0] if consensus == "total" else torch.sign(weighted[0])
-        for item in weighted[1:]:
-            vote = vote + (item if consensus == "total" else torch.sign(item))
-        elected = torch.where(vote >= 0, 1.0, -1.0)
-        merged = torch.zeros_like(b)
-        divisor = torch.zeros_like(b)
-        for i, item in enumerate(weighted):
-            agree = torch.sign(item) == elected
-            merged = merged + torch.where(agree, item, 0.0)
-            divisor = divisor + torch.where(agree, weights[i], 0.0)
-        if normalize:
-            merged = merged / torch.where(divisor == 0, 1.0, divisor)
+        merged = _elected(weighted, weights, b, consensus, normalize)
     out.copy_(b + lam * merged)
+
+
+def _thinned(
+    delta: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    seed: torch.Tensor,
+    index: torch.Tensor | None,
+    sparsify: str | None,
+    rescale: bool,
+) -> torch.Tensor:
+    """One ingredient's task vector with the entries its sparsifier drops set to 0 (traced inline)."""
+    if sparsify == "magnitude":
+        return torch.where(delta.abs() > low, delta, 0.0)
+    if sparsify == "outliers":
+        magnitude = delta.abs()
+        return torch.where((magnitude > low) & (magnitude <= high), delta, 0.0)
+    if sparsify == "random" and index is not None:
+        delta = torch.where(uniform(index, seed) < low, delta, 0.0)
+        return delta / low if rescale else delta
+    return delta
+
+
+def _elected(
+    weighted: list[torch.Tensor], weights: torch.Tensor, b: torch.Tensor, consensus: str, normalize: bool
+) -> torch.Tensor:
+    """The sum of the weighted task vectors' entries that agree with the elected sign (traced inline)."""
+    vote = weighted[0] if consensus == "total" else torch.sign(weighted[0])
+    for item in weighted[1:]:
+        vote = vote + (item if consensus == "total" else torch.sign(item))
+    elected = torch.where(vote >= 0, 1.0, -1.0)
+    merged = torch.zeros_like(b)
+    divisor = torch.zeros_like(b)
+    for i, item in enumerate(weighted):
+        agree = torch.sign(item) == elected
+        merged = merged + torch.where(agree, item, 0.0)
+        divisor = divisor + torch.where(agree, weights[i], 0.0)
+    if normalize:
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return merged
 
 
 _lock = threading.Lock()  # compiling is not thread-safe and may happen on any call; builds run one at a time anyway

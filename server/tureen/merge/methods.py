@@ -1,88 +1,44 @@
-"""Declarations of the merge methods: names, parameters, bounds. No torch here.
+"""The merge methods and the searches, one record each: declaration, function, paper. No torch here.
 
-Specs are validated against these declarations (so ``spec.py`` stays free of torch), and the
-registry in ``tureen.merge.registry`` pairs each declaration with its tensor function. A
-parameter is either *global* (one value for the whole merge, like ``lambda``) or
-*per-ingredient* (each ingredient may have its own, like ``weight`` or ``density``). Numeric
-values may also be gradient lists, interpolated across the layer index.
+Specs are validated against these declarations, and this module imports no torch so that
+``tureen.spec`` (and the client, which reads specs) never loads it. A record therefore names
+its tensor function as ``module:function`` instead of holding it; ``tureen.merge.registry``
+resolves the names. Adding a merge method is one entry in ``METHODS`` (and its function).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
-Kind = Literal["number", "integer", "bool", "choice"]
-BaseUse = Literal["forbidden", "optional", "required"]
+from tureen.merge.params import BaseUse, Kind, MethodDecl, Param
 
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a merge method, with its default and the values it accepts."""
-
-    name: str
-    doc: str
-    default: float | int | bool | str | None
-    kind: Kind = "number"
-    per_ingredient: bool = False
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: the low bound itself is excluded, as for density in (0, 1]
-    choices: tuple[str, ...] = ()
-
-    def problem(self, value: Any) -> str | None:
-        """Why ``value`` is not acceptable, or None. Lists (gradients) are checked item by item."""
-        if isinstance(value, list | tuple):
-            if self.kind not in ("number", "integer"):
-                return f"{self.name} takes a single {self.kind}, not a list"
-            if not value:
-                return "a gradient list needs at least one value"
-            for item in value:
-                problem = self.problem(item)
-                if problem:
-                    return problem
-            return None
-        if self.kind == "bool":
-            return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
-        if self.kind == "choice":
-            return None if value in self.choices else f"expected one of {', '.join(self.choices)}, got {value!r}"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"expected a number, got {value!r}"
-        if self.kind == "integer" and not float(value).is_integer():
-            return f"expected a whole number, got {value!r}"
-        if not math.isfinite(value):
-            return f"must be finite, got {value}"
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return f"must be in {self._range()}, got {value}"
-        if self.high is not None and value > self.high:
-            return f"must be in {self._range()}, got {value}"
-        return None
-
-    def _range(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}]"
+__all__ = [
+    "DECLARATIONS",
+    "METHODS",
+    "SEARCHES",
+    "BaseUse",
+    "Kind",
+    "MergeMethod",
+    "MethodDecl",
+    "Param",
+    "declaration",
+]
 
 
 @dataclass(frozen=True)
-class MethodDecl:
-    """What a merge method takes: its parameters, its use of a base, how many ingredients."""
+class MergeMethod:
+    """Everything about one merge method."""
 
-    name: str
-    summary: str
-    params: tuple[Param, ...]
-    base: BaseUse = "forbidden"
-    min_ingredients: int = 1
-    max_ingredients: int | None = None
-    """Counts the ingredients other than the base."""
-    search: bool = False
-    """A recipe searched on held-out data at build time (greedy, learned), resolved to a linear merge."""
-
-    @property
-    def by_name(self) -> Mapping[str, Param]:
-        return {param.name: param for param in self.params}
+    decl: MethodDecl
+    function: str
+    """``module:function`` that merges one tensor (a ``tureen.merge.job.TensorJob``)."""
+    paper: str
+    """Where the method is defined: its paper, or mergekit's documentation of it when it has none."""
+    elementwise: bool = False
+    """Each output entry depends only on the same entry of the inputs and on the parameters (no
+    per-tensor statistics, no per-tensor seeds): tensors with equal parameters may be merged
+    as one long tensor."""
 
 
 def _weight() -> Param:
@@ -95,6 +51,10 @@ def _density(default: float = 1.0) -> Param:
     )
 
 
+def _normalize(default: bool) -> Param:
+    return Param("normalize", "divide by the sum of the weights that contribute", default, kind="bool")
+
+
 LAMBDA = Param("lambda", "scale of the merged task vector added to the base", 1.0)
 MAJORITY = Param(
     "majority_sign", "sign election: by summed mass or by count", "total", kind="choice", choices=("total", "frequency")
@@ -105,9 +65,21 @@ EPSILON = Param("epsilon", "spread of keep probabilities by magnitude rank", 0.1
 GAMMA = Param("gamma", "fraction of largest-magnitude outliers removed", 0.01, per_ingredient=True, low=0.0, high=1.0)
 T = Param("t", "interpolation factor from the first endpoint (0) to the second (1)", 0.5)
 
+_MERGEKIT = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
+SOUPS = "https://arxiv.org/abs/2203.05482"
+"""Wortsman et al., "Model soups", ICML 2022: the uniform, greedy and learned soups."""
+TASK_ARITHMETIC = "https://arxiv.org/abs/2212.04089"
+TIES = "https://arxiv.org/abs/2306.01708"
+DARE = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS = "https://arxiv.org/abs/2312.06795"
+DELLA = "https://arxiv.org/abs/2406.11617"
+SLERP = "https://doi.org/10.1145/325334.325242"
+"""Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985."""
+KARCHER = "https://doi.org/10.1002/cpa.3160300502"
+"""Karcher, "Riemannian center of mass and mollifier smoothing", 1977."""
+MODEL_STOCK = "https://arxiv.org/abs/2403.19522"
 
-def _normalize(default: bool) -> Param:
-    return Param("normalize", "divide by the sum of the weights that contribute", default, kind="bool")
+_COMBINE = "tureen.merge.combine"
 
 
 def _task_vector(name: str, summary: str, sparse: tuple[Param, ...], signs: bool, normalize: bool, random: bool) -> MethodDecl:
@@ -120,31 +92,83 @@ def _task_vector(name: str, summary: str, sparse: tuple[Param, ...], signs: bool
     return MethodDecl(name, summary, tuple(params), base="required")
 
 
-DECLARATIONS: Mapping[str, MethodDecl] = {
-    decl.name: decl
-    for decl in (
+METHODS: tuple[MergeMethod, ...] = (
+    MergeMethod(
         MethodDecl("linear", "weighted average of the ingredients", (_weight(), _normalize(True))),
+        f"{_COMBINE}:linear",
+        SOUPS,
+        elementwise=True,
+    ),
+    MergeMethod(
         _task_vector("task_arithmetic", "base + lambda * weighted sum of task vectors", (), False, False, False),
+        f"{_COMBINE}:task_arithmetic",
+        TASK_ARITHMETIC,
+        elementwise=True,
+    ),
+    MergeMethod(
         _task_vector("ties", "trim, elect signs, disjoint mean (TIES-Merging)", (_density(),), True, True, False),
+        f"{_COMBINE}:ties",
+        TIES,
+    ),
+    MergeMethod(
         _task_vector("dare_linear", "random drop and rescale, then task arithmetic (DARE)", (_density(),), False, False, True),
+        f"{_COMBINE}:dare_linear",
+        DARE,
+    ),
+    MergeMethod(
         _task_vector("dare_ties", "random drop and rescale, then TIES sign election (DARE)", (_density(),), True, False, True),
+        f"{_COMBINE}:dare_ties",
+        DARE,
+    ),
+    MergeMethod(
         _task_vector(
             "breadcrumbs", "drop tiny and outlier entries, then task arithmetic", (_density(), GAMMA), False, False, False
         ),
+        f"{_COMBINE}:breadcrumbs",
+        BREADCRUMBS,
+    ),
+    MergeMethod(
         _task_vector(
             "breadcrumbs_ties", "breadcrumbs sparsification with sign election", (_density(), GAMMA), True, False, False
         ),
+        f"{_COMBINE}:breadcrumbs_ties",
+        BREADCRUMBS,
+    ),
+    MergeMethod(
         _task_vector("della", "magnitude-ranked random drop with sign election (DELLA)", (_density(), EPSILON), True, True, True),
+        f"{_COMBINE}:della",
+        DELLA,
+    ),
+    MergeMethod(
         _task_vector(
             "della_linear", "magnitude-ranked random drop, then task arithmetic", (_density(), EPSILON), False, False, True
         ),
-        MethodDecl("slerp", "spherical interpolation between exactly two models", (T,), base="optional", max_ingredients=2),
+        f"{_COMBINE}:della_linear",
+        DELLA,
+    ),
+    MergeMethod(
+        MethodDecl(
+            "slerp",
+            "spherical interpolation between exactly two models",
+            (T,),
+            base="optional",
+            max_ingredients=2,
+            exact_models=2,
+        ),
+        f"{_COMBINE}:slerp",
+        SLERP,
+    ),
+    MergeMethod(
         MethodDecl(
             "multislerp",
             "weighted spherical interpolation of several models",
             (_weight(), Param("normalize_weights", "divide weights by their sum", True, kind="bool")),
             base="optional",
         ),
+        f"{_COMBINE}:multislerp",
+        f"{_MERGEKIT}#multi-slerp-multislerp",  # mergekit's own method; no paper
+    ),
+    MergeMethod(
         MethodDecl(
             "karcher",
             "Riemannian (Karcher) mean of the models on the sphere",
@@ -155,6 +179,10 @@ DECLARATIONS: Mapping[str, MethodDecl] = {
             ),
             min_ingredients=2,
         ),
+        f"{_COMBINE}:karcher",
+        KARCHER,
+    ),
+    MergeMethod(
         MethodDecl(
             "model_stock",
             "Model Stock: average pulled toward the base by angle",
@@ -162,6 +190,10 @@ DECLARATIONS: Mapping[str, MethodDecl] = {
             base="required",
             min_ingredients=2,
         ),
+        f"{_COMBINE}:model_stock",
+        MODEL_STOCK,
+    ),
+    MergeMethod(
         MethodDecl(
             "nearswap",
             "take the secondary model where it is within t of the base",
@@ -169,11 +201,19 @@ DECLARATIONS: Mapping[str, MethodDecl] = {
             base="required",
             max_ingredients=1,
         ),
+        f"{_COMBINE}:nearswap",
+        f"{_MERGEKIT}#nearswap-nearswap",  # from a model card, not a paper
+    ),
+    MergeMethod(
         MethodDecl(
             "passthrough", "one ingredient, scaled", (Param("scale", "factor applied to every tensor", 1.0),), max_ingredients=1
         ),
-    )
-}
+        f"{_COMBINE}:passthrough",
+        f"{_MERGEKIT}#passthrough-passthrough",  # no merge at all, so no paper
+    ),
+)
+
+DECLARATIONS: Mapping[str, MethodDecl] = {method.decl.name: method.decl for method in METHODS}
 
 
 SEARCHES: Mapping[str, MethodDecl] = {
@@ -205,7 +245,8 @@ SEARCHES: Mapping[str, MethodDecl] = {
         ),
     )
 }
-"""Recipes searched at build time; each resolves to a ``linear`` merge stored with the version."""
+"""Recipes searched at build time; each resolves to a ``linear`` merge stored with the version.
+Their functions need the model and the evaluator, so ``tureen.core.search`` pairs them."""
 
 
 def declaration(name: str) -> MethodDecl:

@@ -65,44 +65,60 @@ def task_vector_merge(
         raise ValueError("weights sum to 0 and cannot be normalized")
     if out is None:
         out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
-    flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
-    if compiled and flat_out.numel() >= MIN_ELEMENTS:
-        fused = _fused_parameters(sparsifiers, len(tensors))
-        if fused is not None:
-            kind, low, high, seeds = fused
-            device = base.device
-            numbers = [torch.tensor(v, dtype=torch.float32, device=device) for v in (weights, lam, low, high)]
-            signed = torch.tensor(seeds, dtype=torch.int64, device=device)
-            static = {"sparsify": kind, "consensus": consensus, "normalize": normalize, "rescale": _rescale(sparsifiers)}
-            key = signature(flats, base.dtype, out.dtype)
-            if run_compiled(task_vector_kernel, key, flat_out, flat_base, *numbers, signed, *flats, **static):
-                return out
+    fused = compiled and out.numel() >= MIN_ELEMENTS
+    if fused and _merge_fused(out, base, flats, weights, lam, normalize, consensus, sparsifiers):
+        return out
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
     w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).view(-1, 1)
     for start in range(0, flat_out.numel(), chunk):
         stop = min(start + chunk, flat_out.numel())
         b = flat_base[start:stop].to(torch.float32, copy=True)  # a copy: b becomes the output chunk
         deltas = torch.stack([f[start:stop] for f in flats]).float().sub_(b)
-        if sparsifiers is not None:
-            for i, sparsify in enumerate(sparsifiers):
-                if sparsify is not None:
-                    sparsify.apply(deltas[i], start)
-        weighted = deltas.mul_(w)
-        if consensus is None:
-            merged = weighted.sum(0)
-            if normalize:
-                merged.div_(float(w.sum()))
-        else:
-            # The elected sign is +1 where the vote ties at 0; zero entries never agree with it.
-            vote = weighted.sum(0) if consensus == "total" else weighted.sign().sum(0)
-            elected = torch.where(vote >= 0, 1.0, -1.0)
-            agree = weighted.sign() == elected
-            merged = weighted.mul_(agree).sum(0)
-            if normalize:
-                divisor = (w * agree).sum(0)
-                merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        flat_out[start:stop] = b.add_(merged, alpha=lam)
+        for i, sparsify in enumerate(sparsifiers or ()):
+            if sparsify is not None:
+                sparsify.apply(deltas[i], start)
+        flat_out[start:stop] = b.add_(_combine(deltas.mul_(w), w, consensus, normalize), alpha=lam)
     return out
+
+
+def _merge_fused(
+    out: torch.Tensor,
+    base: torch.Tensor,
+    flats: list[torch.Tensor],
+    weights: Sequence[float],
+    lam: float,
+    normalize: bool,
+    consensus: Consensus,
+    sparsifiers: Sequence[Sparsifier | None] | None,
+) -> bool:
+    """The whole merge in one compiled kernel; False (nothing written) when it cannot run."""
+    fused = _fused_parameters(sparsifiers, len(flats))
+    if fused is None:
+        return False
+    kind, low, high, seeds = fused
+    device = base.device
+    numbers = [torch.tensor(v, dtype=torch.float32, device=device) for v in (weights, lam, low, high)]
+    signed = torch.tensor(seeds, dtype=torch.int64, device=device)
+    static = {"sparsify": kind, "consensus": consensus, "normalize": normalize, "rescale": _rescale(sparsifiers)}
+    key = signature(flats, base.dtype, out.dtype)
+    return run_compiled(task_vector_kernel, key, out.view(-1), base.reshape(-1), *numbers, signed, *flats, **static)
+
+
+def _combine(weighted: torch.Tensor, w: torch.Tensor, consensus: Consensus, normalize: bool) -> torch.Tensor:
+    """One chunk's merged task vector from its weighted task vectors (one row per ingredient)."""
+    if consensus is None:
+        merged = weighted.sum(0)
+        return merged.div_(float(w.sum())) if normalize else merged
+    # The elected sign is +1 where the vote ties at 0; zero entries never agree with it.
+    vote = weighted.sum(0) if consensus == "total" else weighted.sign().sum(0)
+    elected = torch.where(vote >= 0, 1.0, -1.0)
+    agree = weighted.sign() == elected
+    merged = weighted.mul_(agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return merged
 
 
 def _fused_parameters(

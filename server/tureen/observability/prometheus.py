@@ -20,16 +20,12 @@ from prometheus_client import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from tureen.spec import METRICS
+
 # The *_created series double every counter and histogram for a value nobody charts.
 prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-EVAL_METRICS = {
-    "accuracy": "accuracy",
-    "nll": "negative log-likelihood per sample (or token)",
-    "ece": "expected calibration error (15 bins)",
-    "perplexity": "perplexity",
-}
 BUILD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -110,22 +106,22 @@ class PrometheusObserver:
             registry=self.registry,
         )
         self.eval_scores = {
-            metric: Gauge(
-                f"tureen_eval_{metric}",
-                f"Held-out {text} of each blend version, per evaluation split.",
+            name: Gauge(
+                f"tureen_eval_{name}",
+                f"Held-out {metric.help} of each blend version, per evaluation split.",
                 ("model", "version", "split"),
                 registry=self.registry,
             )
-            for metric, text in EVAL_METRICS.items()
+            for name, metric in METRICS.items()
         }
         self.ingredient_scores = {
-            metric: Gauge(
-                f"tureen_ingredient_eval_{metric}",
-                f"Held-out {text} of each ingredient alone, per evaluation split.",
+            name: Gauge(
+                f"tureen_ingredient_eval_{name}",
+                f"Held-out {metric.help} of each ingredient alone, per evaluation split.",
                 ("model", "ingredient", "split"),
                 registry=self.registry,
             )
-            for metric, text in EVAL_METRICS.items()
+            for name, metric in METRICS.items()
         }
         self.online = Gauge(
             "tureen_online_accuracy",

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import grpc
 
-from tureen.core.controller import Controller, ModelStatus
+from tureen.core.controller import Controller
 from tureen.core.ingredients import IngredientPool
+from tureen.core.status import ModelStatus
 from tureen.core.store import StoredVersion
 from tureen.errors import SpecInvalid
 from tureen.spec import MAX_SPEC_BYTES, SoupSpec, parse_spec, spec_document
@@ -100,11 +101,12 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         return self._status(request.model)
 
     def WatchStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Iterator[pb.GetStatusReply]:
-        seen = self._controller.generation
-        context.add_callback(self._controller.wake)  # a cancelled watch stops waiting at once
+        changes = self._controller.changes
+        seen = changes.generation
+        context.add_callback(changes.bump)  # a cancelled watch stops waiting at once
         yield self._status(request.model)
         while context.is_active():
-            now = self._controller.wait_for_change(seen, WATCH_HEARTBEAT_S)
+            now = changes.wait(seen, WATCH_HEARTBEAT_S)
             if now == seen and not context.is_active():
                 return
             seen = now

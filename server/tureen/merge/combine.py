@@ -1,0 +1,122 @@
+"""The tensor function of each merge method: a ``TensorJob`` in, the merged tensor out.
+
+Each function adapts a job (tensors, base, resolved parameters) to the math in ``linear``,
+``task_vectors``, ``spherical`` and ``others``; the records in ``tureen.merge.methods`` name
+these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tureen.merge import linear as _linear
+from tureen.merge import others, spherical
+from tureen.merge.job import Combine, TensorJob
+from tureen.merge.sparsify import SAMPLE, Magnitude, Outliers, Random, Ranked, sample_index, stable_seed32
+from tureen.merge.task_vectors import Sparsifier, task_vector_merge
+
+
+def _base(job: TensorJob) -> torch.Tensor:
+    if job.base is None:  # the spec validation makes this unreachable for methods that need one
+        raise ValueError("this method needs a base")
+    return job.base
+
+
+def _samples(job: TensorJob) -> list[torch.Tensor]:
+    """|theta_i - base| per ingredient, for ranking: exact for small tensors, else sampled at the
+    same positions (``sample_index``) in every ingredient, so the base is gathered once."""
+    base = _base(job).reshape(-1)
+    index = sample_index(base.numel(), base.device) if base.numel() > SAMPLE else None
+    b = (base if index is None else base.index_select(0, index)).float()
+    flats = [t.reshape(-1) for t in job.tensors]
+    return [((f if index is None else f.index_select(0, index)).float() - b).abs_() for f in flats]
+
+
+def _seed(job: TensorJob, i: int) -> int:
+    return stable_seed32(job.glob["seed"], job.name, job.ingredients[i])
+
+
+def _ranked(job: TensorJob, i: int, sample: torch.Tensor, density: float) -> Sparsifier | None:
+    """DELLA's sparsifier for ingredient ``i``, once its density and epsilon are known to fit."""
+    if density >= 1.0:
+        return None
+    epsilon = job.per["epsilon"][i]
+    if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
+        raise ValueError(
+            f"ingredient {job.ingredients[i]!r}: density {density:g} and epsilon {epsilon:g} need "
+            "0 < density - epsilon and density + epsilon <= 1"
+        )
+    return Ranked.fit(sample, density, epsilon, job.glob["rescale"], _seed(job, i))
+
+
+def _sparsifiers(kind: str, job: TensorJob) -> list[Sparsifier | None]:
+    """One sparsifier per ingredient, fitted to this tensor with that ingredient's parameters."""
+    made: list[Sparsifier | None] = []
+    samples = _samples(job) if kind != "random" else []
+    for i, density in enumerate(job.per["density"]):
+        if kind == "magnitude":
+            made.append(Magnitude.fit(samples[i], density) if density < 1.0 else None)
+        elif kind == "random":
+            made.append(Random(density, job.glob["rescale"], _seed(job, i)))
+        elif kind == "outliers":
+            made.append(Outliers.fit(samples[i], density, job.per["gamma"][i]))
+        else:
+            made.append(_ranked(job, i, samples[i], density))
+    return made
+
+
+def _task_vectors(sparsify: str | None, signs: bool) -> Combine:
+    def combine(job: TensorJob) -> torch.Tensor:
+        return task_vector_merge(
+            _base(job),
+            job.tensors,
+            job.per["weight"],
+            lam=job.glob["lambda"],
+            normalize=job.glob["normalize"],
+            consensus=job.glob["majority_sign"] if signs else None,
+            sparsifiers=_sparsifiers(sparsify, job) if sparsify else None,
+            out=job.out,
+            compiled=job.compiled,
+        )
+
+    return combine
+
+
+def linear(job: TensorJob) -> torch.Tensor:
+    return _linear.linear(job.tensors, job.per["weight"], normalize=job.glob["normalize"], out=job.out, compiled=job.compiled)
+
+
+task_arithmetic = _task_vectors(None, signs=False)
+ties = _task_vectors("magnitude", signs=True)
+dare_linear = _task_vectors("random", signs=False)
+dare_ties = _task_vectors("random", signs=True)
+breadcrumbs = _task_vectors("outliers", signs=False)
+breadcrumbs_ties = _task_vectors("outliers", signs=True)
+della = _task_vectors("ranked", signs=True)
+della_linear = _task_vectors("ranked", signs=False)
+
+
+def slerp(job: TensorJob) -> torch.Tensor:
+    # The two models: the base then the other, or the two ingredients in spec order.
+    v0, v1 = (job.base, job.tensors[0]) if job.base is not None else (job.tensors[0], job.tensors[1])
+    return spherical.slerp(job.glob["t"], v0, v1)
+
+
+def multislerp(job: TensorJob) -> torch.Tensor:
+    return spherical.multislerp(job.tensors, job.per["weight"], job.base, job.glob["normalize_weights"])
+
+
+def karcher(job: TensorJob) -> torch.Tensor:
+    return spherical.karcher(job.tensors, job.per["weight"], int(job.glob["max_iter"]), job.glob["tol"])
+
+
+def model_stock(job: TensorJob) -> torch.Tensor:
+    return others.model_stock(_base(job), job.tensors, filter_wise=job.glob["filter_wise"])
+
+
+def nearswap(job: TensorJob) -> torch.Tensor:
+    return others.nearswap(_base(job), job.tensors[0], job.glob["t"])
+
+
+def passthrough(job: TensorJob) -> torch.Tensor:
+    return others.passthrough(job.tensors[0], job.glob["scale"])
