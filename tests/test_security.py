@@ -262,6 +262,11 @@ def test_access_decisions_for_peers_a_test_cannot_be() -> None:
     Access(admin_token="t").admit("admin", "t", "10.1.2.3")
     with pytest.raises(PermissionDenied):
         Access(admin_token="t", admin_from=networks(["192.168.0.0/16"])).admit("admin", "t", "10.1.2.3")
+    # What transports may skip checking altogether (the inference path without a token pays nothing).
+    assert Access().open_to_all("inference") and not Access(inference_token="t").open_to_all("inference")
+    assert not closed.open_to_all("admin") and opened.open_to_all("admin")
+    assert not Access(open_admin=True, admin_from=networks(["10.0.0.0/8"])).open_to_all("admin")
+    assert not Access(admin_token="t", open_admin=True).open_to_all("admin")
     assert peer_address("ipv4:127.0.0.1:5000") == "127.0.0.1"
     assert peer_address("ipv6:[::ffff:10.0.0.1]:5000") == "::ffff:10.0.0.1"
     assert peer_address("unix:/tmp/socket") is None

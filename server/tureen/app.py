@@ -20,7 +20,7 @@ from tureen.core.engine import Engine
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
-from tureen.core.policy import SpecPolicy, pattern_problem
+from tureen.core.policy import SpecPolicy
 from tureen.core.store import SpecStore
 from tureen.errors import SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
@@ -177,9 +177,6 @@ def _access(settings: Settings) -> Access:
 
 def _policy(settings: Settings, specs: Sequence[SoupSpec], sources: Sequence[str]) -> SpecPolicy:
     """The operator's flags, plus the start-up specs' factories and the folders of their files."""
-    for pattern in settings.allow_factories:
-        if (problem := pattern_problem(pattern)) is not None:
-            raise SoupError(f"--allow-factory: {problem}")
     folders = [str(Path(source).parent) for source in sources if Path(source).is_file()]
     return SpecPolicy.of(settings.allow_factories, settings.ingredient_roots, specs, folders)
 

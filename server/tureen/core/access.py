@@ -48,6 +48,13 @@ class Access:
     def admin_open_to_all(self) -> bool:
         return self.admin_token is None and self.open_admin
 
+    def open_to_all(self, kind: Kind) -> bool:
+        """Whether every call of ``kind`` is admitted, so transports need not look at it at all
+        (inference without a token: the request path pays nothing for access)."""
+        if kind == "inference":
+            return self.inference_token is None
+        return self.admin_open_to_all and self.admin_from is None
+
     def admit(self, kind: Kind, bearer: str | None, peer: str | None) -> None:
         """Allow a call of ``kind`` carrying ``bearer`` (None: no authorization header) from
         ``peer`` (an IP address; None when the transport has none), or raise why not."""
@@ -58,7 +65,7 @@ class Access:
             return
         if self.admin_from is None and (token is not None or self.open_admin):
             return
-        allowed = self.admin_from if self.admin_from is not None else networks(LOOPBACK)
+        allowed = self.admin_from if self.admin_from is not None else _LOOPBACK
         if _within(peer, allowed):
             return
         blocks = ", ".join(str(net) for net in allowed)
@@ -90,3 +97,6 @@ def _within(peer: str | None, allowed: tuple[Network, ...]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # an IPv4 client of a dual-stack listener
     return any(address.version == net.version and address in net for net in allowed)
+
+
+_LOOPBACK = networks(LOOPBACK)

@@ -21,7 +21,7 @@ from tureen.core.architecture import outputs_by_name
 from tureen.core.observer import Observer
 from tureen.core.signature import Signature
 from tureen.errors import ArchitectureError, BlendNotReady, InvalidRequest, ModelNotFound, SoupError
-from tureen.spec import MAX_NAME, SoupSpec
+from tureen.spec import SoupSpec, name_problem
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,8 +165,8 @@ class BlendRepository:
         try:
             blend = self._active[model]
         except KeyError:
-            if len(model) > MAX_NAME:  # never a model here; and not echoed back whole
-                raise InvalidRequest(f"model: names are at most {MAX_NAME} characters, got {len(model)}") from None
+            if (problem := name_problem(model)) is not None:  # never a model here; and not echoed back whole
+                raise InvalidRequest(f"model: {problem}") from None
             raise ModelNotFound(f"model {model!r} is not served here") from None
         if blend is None:
             raise BlendNotReady(f"model {model!r} has no ready blend yet")

@@ -61,7 +61,6 @@ class Controller:
         self.lifecycle = Lifecycle(store)
         self.online = online if online is not None else OnlineAccuracy()
         self.rollout = RolloutControl(store, repository, self.online, observer, self.lifecycle)
-        self._lock = threading.RLock()
         self.changes = Changes()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None

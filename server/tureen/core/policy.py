@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from tureen.errors import PermissionDenied
+from tureen.errors import PermissionDenied, SoupError
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.policy")
@@ -83,7 +83,11 @@ class SpecPolicy:
         files, the folders they name, and the folders their spec files lie in (so that a served
         spec, edited and pushed again, is accepted). A folder taken implicitly that would open
         too much (``/``, the home folder, the temporary folder itself) is left out, with a warning."""
-        factories = [*BUILTIN_FACTORIES, *allow_factories]
+        given = list(allow_factories)
+        for pattern in given:
+            if (problem := pattern_problem(pattern)) is not None:
+                raise SoupError(f"--allow-factory: {problem}")
+        factories = [*BUILTIN_FACTORIES, *given]
         folders = [_real(root) for root in roots]
         implicit = [*startup_folders]
         files: set[Path] = set()

@@ -36,7 +36,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
         kind: Kind | None = (
             "admin" if method.startswith(ADMIN_PREFIXES) else "inference" if method.startswith(INFERENCE_PREFIXES) else None
         )
-        if handler is None or kind is None:
+        if handler is None or kind is None or self._access.open_to_all(kind):
             return handler
         bearer = bearer_token(handler_call_details.invocation_metadata or ())
         access = self._access
