@@ -6,7 +6,7 @@ check the same behaviour end to end.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,23 @@ class Pantry:
         return parse_spec(digits_spec([ingredient], hidden=HIDDEN, **extra), base_dir=self.folder)
 
 
+class OnBuilt(NullObserver):
+    """An observer (the interface Prometheus implements) that runs ``then`` once a blend of
+    ``version`` is built, before it is swapped in: the moment another replica may act."""
+
+    def __init__(self, version: int, then: Callable[[], None]) -> None:
+        self.version, self.then = version, then
+
+    def blend_built(self, model: str, version: int, seconds: float) -> None:
+        if version == self.version:
+            self.then()
+
+
 @contextmanager
-def controller(folder: Path, store: Path | None = None, **options: Any) -> Iterator[Controller]:
-    observer = NullObserver()
+def controller(
+    folder: Path, store: Path | None = None, observer: NullObserver | None = None, **options: Any
+) -> Iterator[Controller]:
+    observer = observer or NullObserver()
     kitchen = Kitchen(IngredientPool(torch.device("cpu"), observer), observer)
     policy = SpecPolicy.of([], [folder])
     made = Controller(
@@ -225,6 +239,43 @@ def test_a_follower_gives_up_on_a_version_it_cannot_build_until_the_store_moves_
         leader.activate("digits", 2, "me")
         follower.poll()
         assert serving(follower) == 2  # ... but an operator activating it again is a new try
+
+
+def test_a_follower_swaps_only_if_the_store_still_points_at_the_version_it_built(pantry: Pantry) -> None:
+    store = pantry.folder / "shared"
+    with controller(pantry.folder, store) as leader:
+        leader.push(pantry.spec("mid"), "me", wait=True)
+        leader.push(pantry.spec("good"), "me", wait=True)
+        leader.push(pantry.spec("noise"), "me", activate=False, wait=True)
+        moved = OnBuilt(2, lambda: leader.activate("digits", 3, "me"))  # while the follower builds 2
+        with controller(pantry.folder, store, observer=moved) as follower:
+            follower.poll()  # builds version 2, then finds the store pointing at 3: no swap to 2
+            assert follower.repository.models()["digits"] is None and serving(leader) == 3
+            follower.poll()
+            assert serving(follower) == 3
+
+
+def test_a_promotion_is_bound_to_its_canary_in_this_process_and_in_the_store(pantry: Pantry) -> None:
+    canary = {"evaluation": EVALUATION, "rollout": {"canary": {"percent": 20}}}
+    store = pantry.folder / "shared"
+    with controller(pantry.folder, store) as leader, controller(pantry.folder, store) as follower:
+        leader.push(pantry.spec("mid"), "me", wait=True)
+        leader.push(pantry.spec("good", **canary), "me", wait=True)
+        follower.poll()  # serves version 1 ...
+        follower.poll()  # ... then starts the canary of 2
+        judged = follower.repository.canary("digits")
+        assert judged is not None and judged.blend.version == 2
+        leader.abort_canary("digits", "me")  # ended in the store; the follower has not polled yet
+        with pytest.raises(VersionConflict, match="the canary of version 2 ended meanwhile"):
+            follower.promote_canary("digits", "me", route=judged)
+        assert serving(follower) == 1 and follower.store.pointer("digits").version == 1  # type: ignore[union-attr]
+        leader.push(pantry.spec("noise", **canary), "me", wait=True)
+        stale = leader.repository.canary("digits")
+        leader.abort_canary("digits", "me")
+        leader.push(pantry.spec("good", **canary), "me", wait=True)  # a new canary, version 4
+        with pytest.raises(VersionConflict, match="the canary of version 3 ended meanwhile"):
+            leader.promote_canary("digits", "me", route=stale)
+        assert serving(leader) == 1 and leader.repository.canary("digits").blend.version == 4  # type: ignore[union-attr]
 
 
 def test_deleted_versions_keep_their_numbers_and_unknown_models_are_not_found(pantry: Pantry) -> None:

@@ -76,6 +76,9 @@ def test_every_search_pairs_its_declaration_with_the_function_that_runs_it() -> 
     assert set(SEARCH_REGISTRY) == set(SEARCHES)
     for name, search in SEARCH_REGISTRY.items():
         assert search.decl is SEARCHES[name] and search.decl.search and callable(search.run)
+        module, _, function = search.record.function.partition(":")
+        assert search.run.__module__ == module and search.run.__name__ == function
+        assert search.record.paper.startswith("https://")
         assert lookup_search(name) is search
     with pytest.raises(ValueError, match=r"unknown search 'grid' \(known: greedy, learned\)"):
         lookup_search("grid")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +19,7 @@ from tureen.core.memory import carve, span
 from tureen.core.parameters import ParameterPlan
 from tureen.errors import IngredientMismatch, MergeError
 from tureen.merge.kernels import Kernels
-from tureen.merge.registry import TensorJob, lookup
+from tureen.merge.registry import Method, TensorJob, lookup
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.recipe")
@@ -86,46 +87,23 @@ def mix(
     source = spec.merge.base or spec.ingredients[0].name
     reference = ingredients[source].tensors
     plan = ParameterPlan(spec, list(reference))
-    names = [i.name for i in plan.mixed]
-    out_dtype = BLEND_DTYPES[spec.dtype]
-    layout = [(key, t.shape, out_dtype if t.is_floating_point() else t.dtype) for key, t in reference.items()]
-    device = next(iter(reference.values())).device
-    if into is not None and [(k, t.shape, t.dtype) for k, t in into.items()] != layout:
-        raise ValueError("mix: the buffer to merge into has another layout than the blend")
-    if into is not None and any(t.device != device for t in into.values()):
-        raise ValueError("mix: the buffer to merge into is on another device")
-    merged = dict(into) if into is not None else carve(layout, device)
-    compiled = _use_compiled(kernels, spec, ingredients)
-    base = ingredients[spec.merge.base].tensors if spec.merge.base else None
+    merged = _blend_buffer(reference, BLEND_DTYPES[spec.dtype], into)
+    pass_ = _Pass(
+        method=method,
+        plan=plan,
+        names=[i.name for i in plan.mixed],
+        ingredients=ingredients,
+        base=ingredients[spec.merge.base].tensors if spec.merge.base else None,
+        merged=merged,
+        compiled=_use_compiled(kernels, spec, ingredients),
+    )
     done = 0
     for group in _groups(reference, plan, method.elementwise):
-        key = group[0]
-        if not reference[key].is_floating_point():
-            _check_agree(spec, ingredients, key, source)
-            merged[key].copy_(reference[key])
+        if reference[group[0]].is_floating_point():
+            pass_.merge(group)
         else:
-            glob, per = plan.for_tensor(key)
-            columns = [[ingredients[name].tensors[k] for k in group] for name in names]
-            if base is not None:
-                columns.append([base[k] for k in group])
-            columns.append([merged[k] for k in group])
-            for label, row in _rows(group, columns):
-                job = TensorJob(
-                    name=label,
-                    tensors=row[: len(names)],
-                    ingredients=names,
-                    base=row[len(names)] if base is not None else None,
-                    glob=glob,
-                    per=per,
-                    out=row[-1],
-                    compiled=compiled,
-                )
-                try:
-                    result = method.combine(job)
-                except ValueError as exc:
-                    raise MergeError(f"merge ({method.decl.name}): tensor {label!r}: {exc}") from None
-                if result is not row[-1]:
-                    row[-1].copy_(result)
+            _check_agree(spec, ingredients, group[0], source)
+            merged[group[0]].copy_(reference[group[0]])
         if (done + len(group)) // 100 > done // 100:
             _log.info("merging: %d/%d tensors", done + len(group), len(reference))
         done += len(group)
@@ -138,9 +116,62 @@ def mix(
         len(spec.ingredients),
         method.decl.name,
         time.perf_counter() - started,
-        "compiled" if compiled else "eager",
+        "compiled" if pass_.compiled else "eager",
     )
     return merged
+
+
+def _blend_buffer(
+    reference: Mapping[str, torch.Tensor], out_dtype: torch.dtype, into: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The blend's tensors: ``into`` when its layout and device match the blend's, else fresh."""
+    layout = [(key, t.shape, out_dtype if t.is_floating_point() else t.dtype) for key, t in reference.items()]
+    device = next(iter(reference.values())).device
+    if into is None:
+        return carve(layout, device)
+    if [(k, t.shape, t.dtype) for k, t in into.items()] != layout:
+        raise ValueError("mix: the buffer to merge into has another layout than the blend")
+    if any(t.device != device for t in into.values()):
+        raise ValueError("mix: the buffer to merge into is on another device")
+    return dict(into)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One merge pass over a state dict: what every group of floating tensors needs."""
+
+    method: Method
+    plan: ParameterPlan
+    names: list[str]
+    ingredients: Mapping[str, Ingredient]
+    base: Mapping[str, torch.Tensor] | None
+    merged: dict[str, torch.Tensor]
+    compiled: bool
+
+    def merge(self, group: list[str]) -> None:
+        glob, per = self.plan.for_tensor(group[0])
+        columns = [[self.ingredients[name].tensors[k] for k in group] for name in self.names]
+        if self.base is not None:
+            columns.append([self.base[k] for k in group])
+        columns.append([self.merged[k] for k in group])
+        count = len(self.names)
+        for label, row in _rows(group, columns):
+            job = TensorJob(
+                name=label,
+                tensors=row[:count],
+                ingredients=self.names,
+                base=row[count] if self.base is not None else None,
+                glob=glob,
+                per=per,
+                out=row[-1],
+                compiled=self.compiled,
+            )
+            try:
+                result = self.method.combine(job)
+            except ValueError as exc:
+                raise MergeError(f"merge ({self.method.decl.name}): tensor {label!r}: {exc}") from None
+            if result is not row[-1]:
+                row[-1].copy_(result)
 
 
 def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementwise: bool) -> list[list[str]]:

@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from tureen.core.evaluation import Batch, Evaluator, Scores
 from tureen.core.ingredients import Ingredient
 from tureen.core.recipe import mix
 from tureen.errors import SpecInvalid
-from tureen.merge.methods import SEARCHES, MethodDecl
+from tureen.merge.methods import SEARCH_METHODS, SEARCHES, MethodDecl, SearchMethod, named_function
 from tureen.spec import MergeSpec, SoupSpec
 
 _log = logging.getLogger("tureen.search")
@@ -45,11 +45,15 @@ Run = Callable[[SoupSpec, Mapping[str, Ingredient], nn.Module, Evaluator, Report
 
 @dataclass(frozen=True)
 class Search:
-    """One search: its declaration (in ``tureen.merge.methods``, which specs validate against
-    without torch) and the function that runs it."""
+    """One search ready to run: its record (in ``tureen.merge.methods``, which specs validate
+    against without torch) and the function the record names."""
 
-    decl: MethodDecl
+    record: SearchMethod
     run: Run
+
+    @property
+    def decl(self) -> MethodDecl:
+        return self.record.decl
 
 
 def needs_search(spec: SoupSpec) -> bool:
@@ -96,7 +100,7 @@ def _uniform(names: list[str], kept: list[str]) -> dict[str, Any]:
     return {"method": "linear", "weights": {n: (1.0 if n in kept else 0.0) for n in names}}
 
 
-def _greedy(
+def greedy_search(
     spec: SoupSpec, ingredients: Mapping[str, Ingredient], module: nn.Module, ev: Evaluator, report: Report
 ) -> Resolution:
     """The model soups paper's greedy soup: best ingredient first, then add each next one if the
@@ -145,7 +149,7 @@ def _grid(spec: SoupSpec, ingredients: Mapping[str, Ingredient], module: nn.Modu
     return Resolution(best[1], log)
 
 
-def _learned(
+def learned_search(
     spec: SoupSpec, ingredients: Mapping[str, Ingredient], module: nn.Module, ev: Evaluator, report: Report
 ) -> Resolution:
     """Mixing weights trained by gradient descent on the held-out split's loss.
@@ -202,9 +206,9 @@ def _learned(
 
 
 SEARCH_REGISTRY: Mapping[str, Search] = {
-    entry.decl.name: entry for entry in (Search(SEARCHES["greedy"], _greedy), Search(SEARCHES["learned"], _learned))
+    record.decl.name: Search(record, cast(Run, named_function(record.function))) for record in SEARCH_METHODS
 }
-"""Every search by name; tests check that it pairs every declaration in ``SEARCHES``."""
+"""Every search by name, from its one record in ``tureen.merge.methods``."""
 
 
 def _loss(result: Any, batch: Batch, ev: Evaluator) -> torch.Tensor:

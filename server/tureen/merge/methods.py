@@ -3,13 +3,16 @@
 Specs are validated against these declarations, and this module imports no torch so that
 ``tureen.spec`` (and the client, which reads specs) never loads it. A record therefore names
 its tensor function as ``module:function`` instead of holding it; ``tureen.merge.registry``
-resolves the names. Adding a merge method is one entry in ``METHODS`` (and its function).
+resolves the names. Adding a merge method is one entry in ``METHODS`` (and its function);
+adding a search is one entry in ``SEARCH_METHODS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from tureen.merge.params import BaseUse, Kind, MethodDecl, Param
 
@@ -17,12 +20,15 @@ __all__ = [
     "DECLARATIONS",
     "METHODS",
     "SEARCHES",
+    "SEARCH_METHODS",
     "BaseUse",
     "Kind",
     "MergeMethod",
     "MethodDecl",
     "Param",
+    "SearchMethod",
     "declaration",
+    "named_function",
 ]
 
 
@@ -216,9 +222,22 @@ METHODS: tuple[MergeMethod, ...] = (
 DECLARATIONS: Mapping[str, MethodDecl] = {method.decl.name: method.decl for method in METHODS}
 
 
-SEARCHES: Mapping[str, MethodDecl] = {
-    decl.name: decl
-    for decl in (
+@dataclass(frozen=True)
+class SearchMethod:
+    """Everything about one search: a recipe searched on held-out data at build time that
+    resolves to a ``linear`` merge stored with the version."""
+
+    decl: MethodDecl
+    function: str
+    """``module:function`` that runs the search (it needs the model and the evaluator, so it
+    lives in ``tureen.core.search``, which resolves the name)."""
+    paper: str
+
+
+_SOUPS = "https://arxiv.org/abs/2203.05482"
+
+SEARCH_METHODS: tuple[SearchMethod, ...] = (
+    SearchMethod(
         MethodDecl(
             "greedy",
             "greedy soup: add ingredients best first while the held-out metric does not get worse",
@@ -226,6 +245,10 @@ SEARCHES: Mapping[str, MethodDecl] = {
             min_ingredients=1,
             search=True,
         ),
+        "tureen.core.search:greedy_search",
+        _SOUPS,
+    ),
+    SearchMethod(
         MethodDecl(
             "learned",
             "mixing weights learned on the held-out split by gradient descent (softmax over ingredients)",
@@ -243,10 +266,22 @@ SEARCHES: Mapping[str, MethodDecl] = {
             min_ingredients=2,
             search=True,
         ),
-    )
-}
-"""Recipes searched at build time; each resolves to a ``linear`` merge stored with the version.
-Their functions need the model and the evaluator, so ``tureen.core.search`` pairs them."""
+        "tureen.core.search:learned_search",
+        _SOUPS,  # the learned soup of the same paper's appendix
+    ),
+)
+"""Adding a search is one entry here (and its function in ``tureen.core.search``)."""
+
+SEARCHES: Mapping[str, MethodDecl] = {record.decl.name: record.decl for record in SEARCH_METHODS}
+
+
+def named_function(reference: str) -> Callable[..., Any]:
+    """The function a record names as ``module:function``; an error names the wrong reference."""
+    module, _, name = reference.partition(":")
+    function = getattr(importlib.import_module(module), name, None)
+    if not callable(function):
+        raise ImportError(f"function {reference!r} does not exist")
+    return cast(Callable[..., Any], function)
 
 
 def declaration(name: str) -> MethodDecl:

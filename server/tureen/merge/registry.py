@@ -9,13 +9,12 @@ job's ``out`` when it wrote there directly, else a float32 tensor that the calle
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
 from tureen.merge.job import Combine, TensorJob
-from tureen.merge.methods import METHODS, MergeMethod, MethodDecl
+from tureen.merge.methods import METHODS, MergeMethod, MethodDecl, named_function
 
 __all__ = ["REGISTRY", "Combine", "Method", "TensorJob", "lookup", "resolve"]
 
@@ -37,12 +36,8 @@ class Method:
 
 
 def resolve(reference: str) -> Combine:
-    """The function named by ``module:function``; an error names the reference that is wrong."""
-    module, _, name = reference.partition(":")
-    function = getattr(importlib.import_module(module), name, None)
-    if not callable(function):
-        raise ImportError(f"merge function {reference!r} does not exist")
-    return cast(Combine, function)
+    """The merge function named by ``module:function``."""
+    return cast(Combine, named_function(reference))
 
 
 REGISTRY: Mapping[str, Method] = {record.decl.name: Method(record, resolve(record.function)) for record in METHODS}
