@@ -8,7 +8,7 @@
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #
-# Run: docker run --rm -p 8001:8001 -p 8002:8002 tureen:0.1.0-cpu     (serves the demo)
+# Run: docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 tureen:0.1.0-cpu     (serves the demo)
 # The Helm chart (helm/tureen) sets the command and arguments itself.
 
 ARG BASE_IMAGE=python:3.12-slim-bookworm
@@ -55,6 +55,6 @@ ENV PATH=/opt/tureen/bin:$PATH \
     TUREEN_STORE=/var/lib/tureen/store
 USER ${TUREEN_UID}:${TUREEN_UID}
 WORKDIR /var/lib/tureen
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 ENTRYPOINT ["tureen", "serve"]
 CMD ["--demo"]

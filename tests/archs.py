@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
+
+from tureen.demo.models import DigitsMLP
 
 
 class Mixed(nn.Module):
@@ -82,3 +86,21 @@ def slow_mlp(hidden: int = 8, seconds: float = 1.0) -> nn.Module:
 
     time.sleep(seconds)
     return DigitsMLP(hidden=hidden)
+
+
+class Gated(DigitsMLP):
+    """The demo MLP, whose forward waits at a gate the test opens: a batch that runs as long as
+    the test needs, so that requests queue behind it deterministically."""
+
+    OPEN = threading.Event()
+    ENTERED = threading.Event()
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        Gated.ENTERED.set()
+        Gated.OPEN.wait(60)
+        return super().forward(pixels)
+
+
+def gated(hidden: int = 8) -> Gated:
+    Gated.OPEN.set()  # open while the blend is built and warmed up; the test closes it
+    return Gated(hidden=hidden)

@@ -84,7 +84,8 @@ def hand_average(states: Mapping[str, Mapping[str, torch.Tensor]], weights: Mapp
 @contextmanager
 def running_app(specs: list[SoupSpec], build: bool = True, sources: list[str] | None = None, **settings: Any) -> Iterator[App]:
     """A real server in this process on free ports of 127.0.0.1; stopped and unbound on exit."""
-    app = App(specs, Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", **settings), sources)
+    ports = {"grpc_port": 0, "http_port": 0, "metrics_port": 0, **settings}
+    app = App(specs, Settings(host="127.0.0.1", device="cpu", **ports), sources)
     app.start()
     try:
         if build:
@@ -106,7 +107,9 @@ def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subp
     if "--store" not in args:  # never the user's own store
         scratch = tempfile.TemporaryDirectory(prefix="tureen-test-store-")
         args = [*args, "--store", scratch.name]
-    command = [sys.executable, "-m", "tureen", "serve", *args, "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+    command = [sys.executable, "-m", "tureen", "serve", *args, "--host", "127.0.0.1", "--grpc-port", "0"]
+    command += [] if "--http-port" in args else ["--http-port", "0"]
+    command += ["--metrics-port", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     lines: list[str] = []
     arrived: queue.Queue[str | None] = queue.Queue()

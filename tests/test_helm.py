@@ -180,9 +180,10 @@ def test_defaults_render_a_single_demo_pod_with_its_volumes_and_probes() -> None
     service = one(objects, "Service")
     assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         ("grpc", 8001, "grpc"),
+        ("http", 8000, "http"),
         ("metrics", 8002, "metrics"),
     }
-    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": 8001, "http": 8000, "metrics": 8002}
 
 
 def test_defaults_generate_an_admin_token_the_pod_reads_and_confine_pushed_specs() -> None:
@@ -476,7 +477,9 @@ class LocalPod:
         inside = "|".join(re.escape(path) for path in sorted(self.mounts, key=len, reverse=True))
         text = re.sub(rf"(?<![\w./-])({inside})(?=/|$|[^\w.-])", lambda m: str(self.mounts[m.group(1)]), text)
         return re.sub(
-            r"(--(?:grpc-|metrics-)?port=)(\d+)", lambda m: m.group(1) + str(self.ports.get(int(m.group(2)), m.group(2))), text
+            r"(--(?:grpc-|http-|metrics-)?port=)(\d+)",
+            lambda m: m.group(1) + str(self.ports.get(int(m.group(2)), m.group(2))),
+            text,
         )
 
     @property
@@ -606,6 +609,11 @@ def test_the_default_command_line_serves_the_demo(tmp_path: Path) -> None:
         client.close()
         assert result.get_response().model_version in {"1", "2"}
         assert float(np.mean(result.as_numpy("logits").argmax(axis=1) == labels.numpy())) > 0.9
+        http_port = pod.ports[next(p["containerPort"] for p in pod.container["ports"] if p["name"] == "http")]
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as rest:  # KServe v2 REST on the port `http`
+            rest.sendall(b"GET /v2/models/digits HTTP/1.0\r\n\r\n")
+            answer = b"".join(iter(lambda: rest.recv(65536), b"")).decode()
+        assert answer.startswith("HTTP/1.1 200") and '"name":"digits"' in answer.replace(" ", "")
         with socket.create_connection(("127.0.0.1", pod.metrics_port), timeout=5) as metrics:
             metrics.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             scrape = b"".join(iter(lambda: metrics.recv(65536), b"")).decode()

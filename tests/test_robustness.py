@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from helpers import digits_spec, running_app, write_ingredients, write_spec
 from tureen.errors import ArchitectureError, InvalidRequest, SoupError
 from tureen.spec import load_spec
-from tureen.transport.codec import decode_infer_request
+from tureen.transport.grpc.codec import decode_infer_request
 
 
 def tiny_spec(folder: Path, factory: str, model: str) -> Path:
@@ -140,4 +140,4 @@ def test_typed_contents_that_do_not_fit_are_invalid(datatype: str, field: str, v
     tensor = request.inputs.add(name="x", datatype=datatype, shape=[1])
     getattr(tensor.contents, field).extend(values)
     with pytest.raises(InvalidRequest, match=message):
-        decode_infer_request(request, 0)
+        decode_infer_request(request)

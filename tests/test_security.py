@@ -31,7 +31,7 @@ from tureen.core.policy import SpecPolicy, factory_allowed
 from tureen.core.store import SpecStore
 from tureen.errors import PermissionDenied, Unauthenticated
 from tureen.spec import load_spec, parse_spec
-from tureen.transport.auth import peer_address
+from tureen.transport.grpc.auth import peer_address
 
 PIXELS = np.random.default_rng(0).uniform(0, 16, size=(4, 64)).astype(np.float32)
 

@@ -13,7 +13,7 @@ from helpers import digits_spec, write_spec
 from tureen.core.parameters import ParameterPlan
 from tureen.errors import SpecInvalid
 from tureen.spec import RESERVED_MODEL_NAMES, load_spec, parse_spec
-from tureen.transport import health
+from tureen.transport.grpc import health
 
 
 def problems(document: Any) -> str:

@@ -54,14 +54,18 @@ def soup(tmp_path: Path) -> tuple[Path, dict]:
     return tmp_path, states
 
 
-def spec_file(folder: Path, k: int) -> Path:
-    return write_spec(folder, digits_spec(NAMES, merge={"weights": weights_of(k)}), f"v{k}.yaml")
+def spec_file(folder: Path, k: int, **extra: Any) -> Path:
+    return write_spec(folder, digits_spec(NAMES, merge={"weights": weights_of(k)}, **extra), f"v{k}.yaml")
 
 
-def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_blends(soup: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("batching", [None, {"max_queue_delay_us": 2000}], ids=["one-forward-each", "dynamic-batching"])
+def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_blends(
+    soup: tuple[Path, dict], batching: dict[str, Any] | None
+) -> None:
     folder, states = soup
     x = np.random.default_rng(0).uniform(0, 16, size=(4, 64)).astype(np.float32)
-    with running_app([load_spec(spec_file(folder, 1))], keep_versions=2) as app:
+    extra = {"serving": {"batching": batching}} if batching else {}
+    with running_app([load_spec(spec_file(folder, 1, **extra))], keep_versions=2) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         stop = threading.Event()
         seen: list[list[tuple[float, int, np.ndarray]]] = [[] for _ in range(8)]
@@ -87,7 +91,7 @@ def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_
         backwards: list[float] = []  # when a rollback or an activation of an older version began
         with SoupClient(address) as soups:
             for k in range(2, 22):  # 20 pushes
-                info = soups.push(spec_file(folder, k), wait=True)
+                info = soups.push(spec_file(folder, k, **extra), wait=True)
                 weights[int(info["version"])] = weights_of(k)
                 assert info["state"] == "active"
                 if k % 5 == 0:
@@ -101,8 +105,14 @@ def test_pushes_activations_and_rollbacks_under_load_fail_no_request_and_mix_no_
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
+        with grpcclient.InferenceServerClient(address) as client:
+            stats = client.get_inference_statistics("digits").model_stats
 
     assert failures == []
+    requests = sum(s.inference_stats.success.count for s in stats)
+    executions = sum(s.execution_count for s in stats)
+    # Batched, the concurrent requests shared forwards (each batch on one version); else one each.
+    assert executions < requests if batching else executions == requests
     expected = {version: bare_forward(states, w, x) for version, w in weights.items()}
     versions_seen = set()
     for responses in seen:

@@ -26,7 +26,9 @@ from tureen.errors import SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.observability import PrometheusObserver, serve_metrics, stop_metrics
 from tureen.spec import SoupSpec
-from tureen.transport.server import Endpoint, Tls, create_server
+from tureen.transport.grpc.server import Endpoint, create_server
+from tureen.transport.http.server import HttpEndpoint, create_http_server
+from tureen.transport.tls import Tls
 
 _log = logging.getLogger("tureen")
 
@@ -37,6 +39,8 @@ class Settings:
 
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int | None = 8000
+    """KServe v2 over HTTP/REST; None serves gRPC only."""
     metrics_port: int = 8002
     device: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
@@ -114,8 +118,10 @@ class App:
             self.controller.seed(spec, source)
         self.controller.declare_stored()
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._grpc: Endpoint | None = None
+        self._http: HttpEndpoint | None = None
         self._metrics_server: WSGIServer | None = None
 
     def start(self) -> None:
@@ -134,11 +140,26 @@ class App:
                 access=self.access,
                 tls=_tls(s),
             )
+            if s.http_port is not None:
+                self._http = create_http_server(
+                    self.engine,
+                    self.repository,
+                    self.controller,
+                    host=s.host,
+                    port=s.http_port,
+                    access=self.access,
+                    tls=_tls(s),
+                    max_body_bytes=s.max_message_bytes,
+                )
         except OSError:
             self.stop()
             raise
         self.grpc_port = self._grpc.port
         self._grpc.start()
+        if self._http is not None:
+            self.http_port = self._http.port
+            self._http.start()
+            _log.info("HTTP/REST (KServe v2) on %s:%d", s.host, self.http_port)
         _log.info("metrics on http://%s:%d/metrics", s.host, self.metrics_port)
         _log.info("gRPC (KServe v2 inference, health, reflection) on %s:%d, device %s", s.host, self.grpc_port, self.device)
         if self.access.admin_open_to_all:
@@ -159,6 +180,9 @@ class App:
     def stop(self, grace: float = 2.0) -> None:
         """Stop both endpoints and release their ports; requests in flight get ``grace`` seconds."""
         self.controller.stop()
+        if self._http is not None:
+            self._http.stop(grace)
+            self._http = None
         if self._grpc is not None:
             self._grpc.stop(grace)
             self._grpc = None

@@ -34,8 +34,12 @@ The demo soup 'digits' is served on {host}:{port}. Call it with Triton's client:
     print(client.infer("digits", [tensor]).as_numpy("logits").argmax(axis=1))
 
 or run `python clients/digits_client.py --url {host}:{port}` from a checkout.
-Metrics: curl http://{host}:{metrics_port}/metrics
+{http}Metrics: curl http://{host}:{metrics_port}/metrics
 """
+
+
+def _port_or_off(text: str) -> int | None:
+    return None if text == "off" else _port(text)
 
 
 def _port(text: str) -> int:
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="serve soups over KServe v2 gRPC with Prometheus metrics")
+    serve = commands.add_parser("serve", help="serve soups over KServe v2 gRPC and HTTP/REST with Prometheus metrics")
     serve.add_argument("--spec", action="append", default=[], metavar="FILE", help="a soup spec (YAML or JSON); repeatable")
     serve.add_argument("--demo", action="store_true", help="serve the demo soup 'digits' (trained on first run)")
     serve.add_argument(
@@ -69,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
+    serve.add_argument(
+        "--http-port",
+        type=_port_or_off,
+        default=8000,
+        help="KServe v2 HTTP/REST port; 0 picks a free one, 'off' serves gRPC only (default: 8000)",
+    )
     serve.add_argument("--metrics-port", type=_port, default=8002, help="Prometheus port; 0 picks a free one (default: 8002)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, CUDA when present)")
     serve.add_argument(
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=64,
         metavar="MB",
-        help="largest gRPC message accepted or sent, in MiB (default: 64)",
+        help="largest gRPC message (or HTTP request body) accepted or sent, in MiB (default: 64)",
     )
     serve.add_argument("--grpc-workers", type=_positive, default=8, metavar="N", help="gRPC worker threads (default: 8)")
     _kernels_option(serve)
@@ -244,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         device=args.device,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
@@ -275,7 +286,8 @@ def _serve(args: argparse.Namespace) -> int:
 
             finish(app.controller, demo_dir)
             host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-            print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port), file=sys.stderr)
+            http = f"Over HTTP/REST: curl http://{host}:{app.http_port}/v2/models/digits\n" if app.http_port else ""
+            print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port, http=http), file=sys.stderr)
         _log.info("ready: %d model(s) serving; Ctrl-C or SIGTERM stops", len(blends))
         stopping.wait()
         _log.info("stopping")

@@ -2,7 +2,7 @@
 
 Every failure a caller can cause or observe is a ``SoupError``. Each subclass carries a
 ``reason``: a short machine-readable word used as the ``reason`` label of failure metrics
-and mapped to a gRPC status code in exactly one place (``tureen.transport.status``).
+and mapped to a gRPC status code in exactly one place (``tureen.transport.grpc.status``).
 The core raises these and never imports grpc.
 """
 
@@ -94,6 +94,25 @@ class InferenceFailed(SoupError):
     """The blend's forward pass raised; the blend keeps serving other requests."""
 
     reason = "internal"
+
+
+class QueueFull(BlendNotReady):
+    """The model's batching queue holds ``max_queue_size`` requests already: answered at once,
+    never left waiting (Triton's behaviour)."""
+
+    reason = "queue_full"
+
+
+class DeadlineExceeded(SoupError):
+    """The caller's deadline passed while the request waited in the queue: dropped before compute."""
+
+    reason = "deadline_exceeded"
+
+
+class Cancelled(SoupError):
+    """The caller went away (a cancelled call) while the request waited: dropped before compute."""
+
+    reason = "cancelled"
 
 
 class PermissionDenied(SoupError):

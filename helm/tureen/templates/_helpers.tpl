@@ -114,6 +114,7 @@ Secrets that features read from must be named.
 - --log-level={{ .Values.server.logLevel }}
 - serve
 - --grpc-port={{ .Values.server.grpcPort }}
+- --http-port={{ .Values.server.httpPort | int | eq 0 | ternary "off" (.Values.server.httpPort | toString) }}
 - --metrics-port={{ .Values.server.metricsPort }}
 - --device={{ include "tureen.device" . }}
 - --store={{ .Values.persistence.store.mountPath }}

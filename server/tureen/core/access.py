@@ -80,6 +80,15 @@ class Access:
         )
 
 
+def bearer_of(authorization: str | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header value; "" for another scheme;
+    None without the header."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
 def _check_token(kind: Kind, token: str, bearer: str | None) -> None:
     if bearer is None:
         raise Unauthenticated(f"{kind} calls need 'authorization: Bearer <token>' metadata")

@@ -208,6 +208,16 @@ class BlendRepository:
         with self._lock:
             return dict(self._active)
 
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        """Triton's repository index: (name, version, state, reason) of every declared model."""
+        rows = []
+        for name, blend in sorted(self.models().items()):
+            if blend is not None:
+                rows.append((name, str(blend.version), "READY", ""))
+            elif not ready_only:
+                rows.append((name, "", "UNAVAILABLE", "no active blend"))
+        return rows
+
     def is_ready(self, model: str, version: str = "") -> bool:
         try:
             self.active(model, version)

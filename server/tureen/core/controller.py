@@ -195,6 +195,15 @@ class Controller:
             return self.activate(model, pointer.version, by)
         return self.rollback(model, by)
 
+    def load_model(self, model: str, spec: SoupSpec | None, by: str) -> StoredVersion:
+        """Triton's repository load: with a spec (its ``config``), push it as a new version and
+        wait until it serves; without one, serve the model again (``load``)."""
+        if spec is None:
+            return self.load(model, by)
+        if spec.model != model:
+            raise SpecInvalid([f"model: {spec.model!r} in parameters.config, but the model to load is {model!r}"])
+        return self.push(spec, by, activate=True, wait=True)
+
     def delete(self, model: str, version: int) -> None:
         with self.swaps.lock(model):  # not while an activation of this model swaps and points
             active = self.repository.models().get(model)

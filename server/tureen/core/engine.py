@@ -1,23 +1,32 @@
-"""The data plane: one inference request from decoded tensors to output tensors.
+"""The data plane: one inference request from the wire to the wire, and its accounting.
 
-Transports decode their wire format into an ``InferRequest``, call ``Engine.infer`` and encode
-the ``InferResponse``; everything in between (validation, device placement, the one forward
-pass, statistics and metrics) happens here, the same for every transport.
+A transport hands ``Engine.serve`` a ``Call``: how to decode its message, how to encode the
+response, its deadline. Everything in between happens here, the same for every transport:
+routing (active version, a pinned version or the canary), the interface checks, the blend's
+batching queue when it has one, the forward, and the accounting. A request is counted once:
+as a success after its response is encoded, or as a failure of the blend it was routed to
+(of the model's active version when it failed before routing).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
-from tureen.core.blends import BlendRepository
+from tureen.core.batching import Batcher, BatchPolicy, Job
+from tureen.core.blends import Blend, BlendRepository
 from tureen.core.observer import Observer
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.statistics import StatisticsBook, Timings, VersionStatistics
-from tureen.errors import InferenceFailed, SoupError
+from tureen.errors import DeadlineExceeded, InferenceFailed, SoupError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,6 @@ class InferRequest:
     id: str
     inputs: Mapping[str, torch.Tensor]
     outputs: tuple[str, ...] | None
-    received_ns: int
     parameters: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -39,51 +47,72 @@ class InferResponse:
     outputs: Mapping[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One request as a transport received it."""
+
+    model: str
+    """The model name as sent, for accounting a request that cannot even be decoded."""
+    received_ns: int
+    """``time.perf_counter_ns()`` when the transport received it: queue time counts from here."""
+    decode: Callable[[], InferRequest]
+    encode: Callable[[InferResponse], T]
+    deadline_ns: int | None = None
+    """The caller's deadline on the same clock; a request still queued then is dropped."""
+    on_cancel: Callable[[Callable[[], None]], None] | None = None
+    """Registers what to do when the caller goes away (the transport calls it then)."""
+
+
+@dataclass
+class _Work:
+    """A routed, checked request: what its batch needs, and what its accounting needs after."""
+
+    blend: Blend
+    request: InferRequest
+    names: tuple[str, ...]
+    rows: int
+    received_ns: int
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    classes: list[int] | None = None
+    timings: Timings | None = None
+
+
 class Engine:
-    """Runs requests on whichever blend is active when each request starts."""
+    """Runs requests on whichever blend each one is routed to when it arrives."""
 
     def __init__(self, repository: BlendRepository, observer: Observer, online: OnlineAccuracy | None = None) -> None:
         self.repository = repository
         self.statistics = StatisticsBook()
         self.online = online if online is not None else OnlineAccuracy()
         self._observer = observer
+        self._batchers: weakref.WeakKeyDictionary[Blend, Batcher | None] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
-    def infer(self, request: InferRequest) -> InferResponse:
+    def serve(self, call: Call[T]) -> T:
+        """Decode, route, check, queue, compute and encode one request; count it once."""
+        work: _Work | None = None
+        blend: Blend | None = None
         try:
+            request = call.decode()
             blend = self.repository.route(request.model, request.version, request.parameters)
-            started = time.perf_counter_ns()
-            names = blend.signature.check_outputs(request.outputs)
-            batch = blend.signature.check_inputs(request.inputs)
+            work = _Work(blend, request, blend.signature.check_outputs(request.outputs), 0, call.received_ns)
+            work.rows = blend.signature.check_inputs(request.inputs)
+            self._compute(work, call)
+            encoded = call.encode(InferResponse(blend.model, blend.version, request.id, work.outputs))
         except SoupError as exc:
-            self.reject(request.model, request.received_ns, exc)
+            self._failed(call, blend, exc)
             raise
-        # Past validation, whatever goes wrong is the server's or the model's fault, never the caller's.
-        try:
-            prepared = blend.prepare(request.inputs)
-            forward_at = time.perf_counter_ns()
-            result = blend.forward(prepared)
-            output_at = time.perf_counter_ns()
-            outputs = blend.collect(result, names)
-            classes = blend.predicted_classes(result) if request.id else None
         except Exception as exc:
-            failure = InferenceFailed(f"model {blend.model!r} version {blend.version}: inference failed: {exc}")
-            self.reject(request.model, request.received_ns, failure)
+            where = f"model {blend.model!r} version {blend.version}" if blend is not None else f"model {call.model!r}"
+            failure = InferenceFailed(f"{where}: cannot answer the request: {exc}")
+            self._failed(call, blend, failure)
             raise failure from exc
-        done = time.perf_counter_ns()
-        timings = Timings(
-            queue=started - request.received_ns,
-            compute_input=forward_at - started,
-            compute_infer=output_at - forward_at,
-            compute_output=done - output_at,
-        )
-        total = done - request.received_ns
-        if classes is not None:  # kept so that Feedback can score this request later
-            self.online.predicted(blend.model, request.id, blend.version, classes)
-        self.statistics.success(blend.model, blend.version, batch, total, timings)
-        self._observer.request_finished(
-            blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
-        )
-        return InferResponse(model=blend.model, version=blend.version, id=request.id, outputs=outputs)
+        self._succeeded(work)
+        return encoded
+
+    def policy_of(self, blend: Blend) -> BatchPolicy | None:
+        """How ``blend`` batches requests (None: one forward per request)."""
+        return BatchPolicy.of(blend.spec, blend.signature.max_batch_size)
 
     def statistics_of(self, model: str = "", version: str = "") -> list[tuple[str, int, VersionStatistics]]:
         """Statistics of every served blend (zeros before its first request), filtered when asked.
@@ -100,14 +129,125 @@ class Engine:
                 recorded.setdefault((name, blend.version), VersionStatistics())
         return [(m, v, recorded[(m, v)]) for m, v in sorted(recorded)]
 
-    def reject(self, model: str, received_ns: int, error: SoupError) -> None:
-        """Count a request that failed, including one the transport could not even decode."""
-        total = time.perf_counter_ns() - received_ns
+    # ---- compute -----------------------------------------------------------------------------
+
+    def _compute(self, work: _Work, call: Call[T]) -> None:
+        batcher = self._batcher(work.blend)
+        if batcher is None:
+            if call.deadline_ns is not None and time.perf_counter_ns() >= call.deadline_ns:
+                raise DeadlineExceeded("the deadline passed before the request could run")
+            self._execute_one(work)
+            return
+        shapes = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(work.request.inputs.items()))
+        job = Job(shapes, work.rows, work, call.deadline_ns)
+        if call.on_cancel is not None:
+            call.on_cancel(job.cancel)
+        batcher.submit(job)
+        job.wait()
+
+    def _batcher(self, blend: Blend) -> Batcher | None:
+        try:
+            return self._batchers[blend]
+        except KeyError:
+            pass
+        with self._lock:
+            if blend not in self._batchers:
+                policy = self.policy_of(blend)
+                model, version = blend.model, str(blend.version)  # the batcher must not keep the blend alive
+                self._batchers[blend] = (
+                    None
+                    if policy is None
+                    else Batcher(
+                        policy,
+                        self._execute,
+                        lambda depth: self._observer.queue_depth(model, version, depth),
+                        f"model {model!r} version {version}",
+                    )
+                )
+            return self._batchers[blend]
+
+    def _execute_one(self, work: _Work) -> None:
+        job = Job((), work.rows, work)
+        self._execute([job])
+        if job.error is not None:
+            raise job.error
+
+    def _execute(self, jobs: list[Job]) -> None:
+        """One forward for ``jobs`` (all on one blend, inputs alike past the batch dimension)."""
+        works: list[_Work] = [job.payload for job in jobs]
+        blend = works[0].blend
+        started = time.perf_counter_ns()
+        try:
+            names = tuple(dict.fromkeys(name for work in works for name in work.names))
+            prepared = blend.prepare(_joined(works))
+            forward_at = time.perf_counter_ns()
+            result = blend.forward(prepared)
+            output_at = time.perf_counter_ns()
+            outputs = blend.collect(result, names)
+            classes = blend.predicted_classes(result) if any(work.request.id for work in works) else None
+            parts = _split(works, outputs, classes)
+        except Exception as exc:
+            failure = InferenceFailed(f"model {blend.model!r} version {blend.version}: inference failed: {exc}")
+            for job in jobs:
+                job.fail(failure)
+            return
+        done = time.perf_counter_ns()
+        compute = (forward_at - started, output_at - forward_at, done - output_at)
+        rows = sum(work.rows for work in works)
+        self.statistics.executed(blend.model, blend.version, rows, *compute)
+        self._observer.batch_executed(blend.model, str(blend.version), rows)
+        for job, work, (outs, cls) in zip(jobs, works, parts, strict=True):
+            work.outputs, work.classes = outs, cls
+            work.timings = Timings(started - work.received_ns, *compute)
+            job.finish(work)
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    def _succeeded(self, work: _Work | None) -> None:
+        assert work is not None and work.timings is not None
+        blend, timings = work.blend, work.timings
+        total = time.perf_counter_ns() - work.received_ns
+        if work.classes is not None and work.request.id:  # kept so that Feedback can score this request later
+            self.online.predicted(blend.model, work.request.id, blend.version, work.classes)
+        self.statistics.success(blend.model, blend.version, work.rows, total, timings)
+        self._observer.request_finished(
+            blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
+        )
+
+    def _failed(self, call: Call[T], blend: Blend | None, error: SoupError) -> None:
+        """Count a failed request against the blend it was routed to, else the model's active one."""
+        total = time.perf_counter_ns() - call.received_ns
         known = self.repository.models()
-        blend = known.get(model)
+        if blend is None:
+            blend = known.get(call.model)
         version = str(blend.version) if blend is not None else ""
         if blend is not None:
-            self.statistics.failure(model, blend.version, total)
+            self.statistics.failure(blend.model, blend.version, total)
         # Unknown model names stay out of labels: clients must not be able to grow our series.
-        label = model if model in known else ""
+        label = call.model if call.model in known else ""
         self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)
+
+
+def _joined(works: list[_Work]) -> Mapping[str, torch.Tensor]:
+    """The batch's inputs: the one request's own tensors, or theirs joined on the batch dimension."""
+    if len(works) == 1:
+        return works[0].request.inputs
+    return {name: torch.cat([work.request.inputs[name] for work in works]) for name in works[0].request.inputs}
+
+
+def _split(
+    works: list[_Work], outputs: Mapping[str, torch.Tensor], classes: list[int] | None
+) -> list[tuple[dict[str, torch.Tensor], list[int] | None]]:
+    """Each request's rows of the batch's outputs (and predicted classes), in batch order."""
+    if len(works) == 1:
+        return [({name: outputs[name] for name in works[0].names}, classes)]
+    total = sum(work.rows for work in works)
+    for name, tensor in outputs.items():
+        if tensor.dim() == 0 or tensor.shape[0] != total:
+            raise ValueError(f"output {name!r} has shape {list(tensor.shape)}, not {total} rows for a batch of {total}")
+    parts, start = [], 0
+    for work in works:
+        end = start + work.rows
+        parts.append(({name: outputs[name][start:end] for name in work.names}, classes[start:end] if classes else None))
+        start = end
+    return parts

@@ -19,6 +19,12 @@ class Observer(Protocol):
     ) -> None:
         """One inference request ended; ``reason`` is None on success, else the error's reason."""
 
+    def batch_executed(self, model: str, version: str, size: int) -> None:
+        """One forward ran for ``size`` rows (one request's, or a dynamic batch's)."""
+
+    def queue_depth(self, model: str, version: str, depth: int) -> None:
+        """The batching queue of this version now holds ``depth`` requests."""
+
     def blend_built(self, model: str, version: int, seconds: float) -> None:
         """A blend finished building (loading, checking and merging)."""
 
@@ -63,6 +69,12 @@ class NullObserver:
     """Observes nothing; for the offline ``tureen merge`` and for library use."""
 
     def request_finished(self, *args: Any) -> None:
+        pass
+
+    def batch_executed(self, *args: Any) -> None:
+        pass
+
+    def queue_depth(self, *args: Any) -> None:
         pass
 
     def blend_built(self, *args: Any) -> None:

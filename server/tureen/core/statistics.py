@@ -19,6 +19,15 @@ class Duration:
 
 
 @dataclass
+class BatchDurations:
+    """Executions of one batch size, as Triton's ``batch_stats`` reports them."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class VersionStatistics:
     """Cumulative counts and nanoseconds for one blend version."""
 
@@ -31,6 +40,8 @@ class VersionStatistics:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, BatchDurations] = field(default_factory=dict)
+    """Executions by batch size (rows in one forward)."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +65,28 @@ class StatisticsBook:
         self._stats: dict[tuple[str, int], VersionStatistics] = {}
         self._lock = threading.Lock()
 
-    def success(self, model: str, version: int, batch: int, total_ns: int, timings: Timings) -> None:
+    def success(self, model: str, version: int, rows: int, total_ns: int, timings: Timings) -> None:
+        """A request answered: ``rows`` inferences, with the durations of its own phases."""
         with self._lock:
             stats = self._entry(model, version)
-            stats.inference_count += batch
-            stats.execution_count += 1
+            stats.inference_count += rows
             stats.success.add(total_ns)
             stats.queue.add(timings.queue)
             stats.compute_input.add(timings.compute_input)
             stats.compute_infer.add(timings.compute_infer)
             stats.compute_output.add(timings.compute_output)
+
+    def executed(self, model: str, version: int, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One forward ran for a batch of ``size`` rows."""
+        with self._lock:
+            stats = self._entry(model, version)
+            stats.execution_count += 1
+            batch = stats.batches.get(size)
+            if batch is None:
+                batch = stats.batches[size] = BatchDurations()
+            batch.compute_input.add(input_ns)
+            batch.compute_infer.add(infer_ns)
+            batch.compute_output.add(output_ns)
 
     def failure(self, model: str, version: int, total_ns: int) -> None:
         with self._lock:

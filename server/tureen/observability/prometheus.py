@@ -26,6 +26,7 @@ from tureen.spec import METRICS
 prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BUILD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -63,6 +64,19 @@ class PrometheusObserver:
             "Time an inference request spent in input transfer, forward pass and output, in seconds.",
             labels,
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "tureen_batch_size",
+            "Rows in each forward pass: one request's, or a dynamic batch's.",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth_requests = Gauge(
+            "tureen_queue_depth",
+            "Requests waiting in the batching queue of a version.",
+            labels,
             registry=self.registry,
         )
         self.build_duration = Histogram(
@@ -153,6 +167,7 @@ class PrometheusObserver:
 
         # Label lookups take a lock and build tuples; on the request path we reuse the children.
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self._batch_children: dict[tuple[str, str], Any] = {}
 
     def request_finished(
         self, model: str, version: str, reason: str | None, total_s: float, queue_s: float, compute_s: float
@@ -173,6 +188,15 @@ class PrometheusObserver:
         request.observe(total_s)
         queue.observe(queue_s)
         compute.observe(compute_s)
+
+    def batch_executed(self, model: str, version: str, size: int) -> None:
+        child = self._batch_children.get((model, version))
+        if child is None:
+            child = self._batch_children[(model, version)] = self.batch_size.labels(model, version)
+        child.observe(size)
+
+    def queue_depth(self, model: str, version: str, depth: int) -> None:
+        self.queue_depth_requests.labels(model, version).set(depth)
 
     def blend_built(self, model: str, version: int, seconds: float) -> None:
         self.build_duration.labels(model, str(version)).observe(seconds)

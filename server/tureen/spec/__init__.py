@@ -5,7 +5,7 @@
 public name is re-exported here, so callers import from ``tureen.spec``. No torch is imported.
 """
 
-from tureen.spec.loading import describe, load_spec, parse_spec, resolve_paths, spec_document
+from tureen.spec.loading import describe, load_spec, parse_spec, resolve_paths, spec_document, spec_from_json
 from tureen.spec.metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, METRICS, TASK_METRICS, EvalMetric, Metric, Task
 from tureen.spec.models import (
     API_VERSION,
@@ -16,6 +16,7 @@ from tureen.spec.models import (
     NAME_PATTERN,
     RESERVED_MODEL_NAMES,
     Architecture,
+    Batching,
     Canary,
     Datatype,
     Dtype,
@@ -32,6 +33,7 @@ from tureen.spec.models import (
     Parameters,
     ParamValue,
     Rollout,
+    Serving,
     SoupSpec,
     TensorSpec,
     name_problem,
@@ -52,6 +54,7 @@ __all__ = [
     "RESERVED_MODEL_NAMES",
     "TASK_METRICS",
     "Architecture",
+    "Batching",
     "Canary",
     "Datatype",
     "Dtype",
@@ -71,6 +74,7 @@ __all__ = [
     "ParamValue",
     "Parameters",
     "Rollout",
+    "Serving",
     "SoupSpec",
     "Task",
     "TensorSpec",
@@ -80,4 +84,5 @@ __all__ = [
     "parse_spec",
     "resolve_paths",
     "spec_document",
+    "spec_from_json",
 ]

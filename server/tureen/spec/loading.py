@@ -16,8 +16,20 @@ import yaml
 from pydantic import ValidationError
 
 from tureen.errors import SpecInvalid
-from tureen.spec.models import SoupSpec
+from tureen.spec.models import MAX_SPEC_BYTES, SoupSpec
 from tureen.spec.rules import FieldProblems
+
+
+def spec_from_json(text: str, field: str) -> SoupSpec:
+    """A spec sent over the wire as JSON text; a size or parse failure names ``field``."""
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise SpecInvalid([f"{field}: the spec is {size} bytes; at most {MAX_SPEC_BYTES} (1 MiB)"])
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise SpecInvalid([f"{field}: not valid JSON: {exc}"]) from None
+    return parse_spec(document, source=field)
 
 
 def parse_spec(data: object, *, source: str | None = None, base_dir: Path | None = None) -> SoupSpec:

@@ -299,6 +299,26 @@ class Rollout(_Frozen):
     canary: Canary | None = None
 
 
+class Batching(_Frozen):
+    """Triton's dynamic batcher: requests queue per model and version and run as one forward.
+
+    A batch holds up to the interface's ``max_batch_size`` rows; it is formed at once when a
+    preferred size (or the maximum) can be filled, else after the oldest request waited
+    ``max_queue_delay_us`` (0: never wait, a lone request runs at once).
+    """
+
+    max_queue_delay_us: int = Field(default=0, ge=0, le=1_000_000)
+    preferred_batch_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    max_queue_size: int = Field(default=0, ge=0)
+    """Requests that may wait; one more is answered UNAVAILABLE at once. 0: no limit."""
+
+
+class Serving(_Frozen):
+    """How the blend is served (nothing here changes its weights)."""
+
+    batching: Batching | None = None
+
+
 class SoupSpec(_Frozen):
     """A soup spec as pushed by an operator (apiVersion ``tureen/v1``)."""
 
@@ -321,6 +341,7 @@ class SoupSpec(_Frozen):
     dtype: Dtype = "float32"
     evaluation: Evaluation | None = None
     rollout: Rollout | None = None
+    serving: Serving | None = None
 
     @model_validator(mode="after")
     def _references(self) -> SoupSpec:

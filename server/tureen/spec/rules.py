@@ -77,7 +77,21 @@ def soup_problems(spec: SoupSpec) -> Problems:
     names = [ingredient.name for ingredient in spec.ingredients]
     problems = _ingredient_problems(spec, method)
     problems += merge_references(spec.merge, method, names)
-    return problems + _evaluation_needed(spec, method)
+    return problems + _evaluation_needed(spec, method) + _batching_problems(spec)
+
+
+def _batching_problems(spec: SoupSpec) -> Problems:
+    batching = spec.serving.batching if spec.serving is not None else None
+    if batching is None or spec.interface is None:
+        return []
+    largest = spec.interface.max_batch_size
+    if largest == 0:
+        return [("serving.batching", "the interface has no batch dimension (max_batch_size is 0)")]
+    return [
+        (f"serving.batching.preferred_batch_sizes[{i}]", f"{size} exceeds the interface's max_batch_size {largest}")
+        for i, size in enumerate(batching.preferred_batch_sizes)
+        if size > largest
+    ]
 
 
 def _ingredient_problems(spec: SoupSpec, method: MethodDecl) -> Problems:

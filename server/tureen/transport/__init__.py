@@ -1,6 +1,7 @@
-"""gRPC transport: the KServe v2 servicer, codec, error mapping, health, reflection, assembly.
+"""Transports, side by side over the one data plane (``tureen.core.engine``).
 
-The inference service's messages are Triton's ``grpc_service.proto`` (KServe v2 plus Triton's
-extensions such as ModelConfig and ModelStatistics), imported from the modules tritonclient
-ships, so the wire format is the one ``tritonclient.grpc`` and ``perf_analyzer`` speak.
+``grpc``: KServe v2 (Triton's ``grpc_service.proto``), Tureen's admin and feedback services,
+health and reflection. ``http``: KServe v2 over HTTP/REST. Each decodes its wire format,
+delegates to the core and encodes the result, and maps the one error tree to its own status
+codes in one place; neither imports the other.
 """

@@ -14,38 +14,23 @@ from tureen.core.access import Access
 from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
-from tureen.errors import SoupError
-from tureen.transport.admin import AdminServicer, FeedbackServicer
-from tureen.transport.auth import AccessInterceptor
-from tureen.transport.health import INFERENCE_SERVICE, add_health
-from tureen.transport.kserve import InferenceServicer
-from tureen.transport.status import ErrorInterceptor
+from tureen.transport.grpc.admin import AdminServicer, FeedbackServicer
+from tureen.transport.grpc.auth import AccessInterceptor
+from tureen.transport.grpc.health import INFERENCE_SERVICE, add_health
+from tureen.transport.grpc.kserve import InferenceServicer
+from tureen.transport.grpc.status import ErrorInterceptor
+from tureen.transport.tls import Tls, read_file
 from tureen.v1 import admin_pb2, admin_pb2_grpc
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["SoupAdmin"].full_name
 FEEDBACK_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["SoupFeedback"].full_name
 
 
-@dataclass(frozen=True)
-class Tls:
-    """Certificate and key files; with a client CA, clients must present a certificate (mTLS)."""
-
-    cert: str
-    key: str
-    client_ca: str | None = None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        def read(path: str, flag: str) -> bytes:
-            try:
-                with open(path, "rb") as handle:
-                    return handle.read()
-            except OSError as exc:
-                raise SoupError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
-
-        pair = [(read(self.key, "--tls-key"), read(self.cert, "--tls-cert"))]
-        if self.client_ca is None:
-            return grpc.ssl_server_credentials(pair)
-        return grpc.ssl_server_credentials(pair, read(self.client_ca, "--tls-client-ca"), require_client_auth=True)
+def credentials(tls: Tls) -> grpc.ServerCredentials:
+    pair = [(read_file(tls.key, "--tls-key"), read_file(tls.cert, "--tls-cert"))]
+    if tls.client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(pair, read_file(tls.client_ca, "--tls-client-ca"), require_client_auth=True)
 
 
 @dataclass(frozen=True)
@@ -98,7 +83,7 @@ def create_server(
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials(tls)) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"--grpc-port: cannot listen on {address}: {exc}") from None
     if bound == 0:

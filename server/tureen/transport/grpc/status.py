@@ -24,6 +24,8 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.BlendNotReady: grpc.StatusCode.UNAVAILABLE,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.StoreError: grpc.StatusCode.UNAVAILABLE,
     errors.VersionConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,

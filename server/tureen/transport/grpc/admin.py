@@ -11,25 +11,12 @@ from tureen.core.controller import Controller
 from tureen.core.ingredients import IngredientPool
 from tureen.core.status import ModelStatus
 from tureen.core.store import StoredVersion
-from tureen.errors import SpecInvalid
-from tureen.spec import MAX_SPEC_BYTES, SoupSpec, parse_spec, spec_document
+from tureen.spec import spec_document, spec_from_json
 from tureen.v1 import admin_pb2 as pb
 from tureen.v1 import admin_pb2_grpc
 
 WATCH_HEARTBEAT_S = 15.0
 """A watch re-sends the status at least this often, so a client can tell the stream is alive."""
-
-
-def decode_spec(text: str, field: str) -> SoupSpec:
-    """A spec from its JSON text; a parse failure names ``field``."""
-    size = len(text.encode())
-    if size > MAX_SPEC_BYTES:
-        raise SpecInvalid([f"{field}: the spec is {size} bytes; at most {MAX_SPEC_BYTES} (1 MiB)"])
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise SpecInvalid([f"{field}: not valid JSON: {exc}"]) from None
-    return parse_spec(document, source=field)
 
 
 def encode_version(stored: StoredVersion, state: str | None = None) -> pb.VersionInfo:
@@ -61,7 +48,7 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         self._pool = pool
 
     def PushSpec(self, request: pb.PushSpecRequest, context: grpc.ServicerContext) -> pb.VersionReply:
-        spec = decode_spec(request.spec_json, "spec_json")
+        spec = spec_from_json(request.spec_json, "spec_json")
         activate = request.activate if request.HasField("activate") else True
         who = _peer_user(request.pushed_by, context)
         stored = self._controller.push(spec, who, activate=activate, wait=request.wait, in_place=request.in_place)

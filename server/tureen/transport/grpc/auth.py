@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from tureen.core.access import Access, Kind
+from tureen.core.access import Access, Kind, bearer_of
 
 ADMIN_PREFIXES = ("/tureen.v1.SoupAdmin/", "/inference.GRPCInferenceService/Repository")
 INFERENCE_PREFIXES = ("/inference.GRPCInferenceService/", "/tureen.v1.SoupFeedback/")
@@ -59,9 +59,7 @@ def bearer_token(metadata: Any) -> str | None:
     """The token of an ``authorization: Bearer <token>`` header; "" for another scheme; None without one."""
     for key, value in metadata:
         if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+            return bearer_of(value.decode() if isinstance(value, bytes) else str(value))
     return None
 
 

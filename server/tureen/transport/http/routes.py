@@ -1,0 +1,177 @@
+"""KServe v2 over HTTP/REST, with Triton's extensions: decode, delegate, encode.
+
+The same data plane, controller and access rules as the gRPC port, route for route: health,
+server and model metadata, readiness, config, statistics, inference (JSON and binary
+tensors) and the model repository (index, load, unload). Health stays open; repository
+routes are admin calls; everything else is inference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tureen import __version__
+from tureen.core.access import Access, Kind, bearer_of
+from tureen.core.blends import BlendRepository
+from tureen.core.controller import Controller
+from tureen.core.engine import Call, Engine
+from tureen.errors import InvalidRequest
+from tureen.spec import spec_from_json
+from tureen.transport import triton
+from tureen.transport.http import codec
+from tureen.transport.http.status import error_response
+
+EXTENSIONS = (*triton.EXTENSIONS, "binary_tensor_data")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Routes:
+    """The HTTP routes over one engine, repository and controller."""
+
+    def __init__(self, engine: Engine, repository: BlendRepository, controller: Controller, access: Access) -> None:
+        self._engine = engine
+        self._repository = repository
+        self._controller = controller
+        self._access = access
+
+    def app(self) -> Starlette:
+        model = "/v2/models/{model}"
+        versioned = (model, model + "/versions/{version}")
+        routes = [
+            Route("/v2/health/live", self._guard(None, self.live)),
+            Route("/v2/health/ready", self._guard(None, self.ready)),
+            Route("/v2", self._guard("inference", self.server_metadata)),
+            Route("/v2/models/stats", self._guard("inference", self.statistics)),
+            Route("/v2/repository/index", self._guard("admin", self.index), methods=["POST"]),
+            Route("/v2/repository/models/{model}/load", self._guard("admin", self.load), methods=["POST"]),
+            Route("/v2/repository/models/{model}/unload", self._guard("admin", self.unload), methods=["POST"]),
+        ]
+        for prefix in versioned:
+            routes += [
+                Route(prefix, self._guard("inference", self.model_metadata)),
+                Route(prefix + "/ready", self._guard("inference", self.model_ready)),
+                Route(prefix + "/config", self._guard("inference", self.config)),
+                Route(prefix + "/stats", self._guard("inference", self.statistics)),
+                Route(prefix + "/infer", self._guard("inference", self.infer), methods=["POST"]),
+            ]
+
+        async def unrouted(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HTTPException)
+            return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+        return Starlette(routes=routes, exception_handlers={HTTPException: unrouted})
+
+    def _guard(self, kind: Kind | None, handler: Handler) -> Handler:
+        """``handler`` behind the access rules, with every error as its status and ``{"error": ...}``."""
+        access = self._access
+        checked = kind is not None and not access.open_to_all(kind)
+
+        async def guarded(request: Request) -> Response:
+            try:
+                if checked:
+                    peer = request.client.host if request.client is not None else None
+                    access.admit(kind, bearer_of(request.headers.get("authorization")), peer)  # type: ignore[arg-type]
+                return await handler(request)
+            except Exception as exc:
+                return error_response(exc)
+
+        return guarded
+
+    # ---- health and metadata ---------------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self._repository.all_ready() else 400)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "tureen", "version": __version__, "extensions": list(EXTENSIONS)})
+
+    async def model_metadata(self, request: Request) -> Response:
+        model, version = _names(request)
+        return JSONResponse(triton.as_json(triton.metadata(self._repository.active(model, version))))
+
+    async def model_ready(self, request: Request) -> Response:
+        model, version = _names(request)
+        return Response(status_code=200 if self._repository.is_ready(model, version) else 400)
+
+    async def config(self, request: Request) -> Response:
+        model, version = _names(request)
+        blend = self._repository.active(model, version)
+        return JSONResponse(triton.as_json(triton.model_config(blend, self._engine.policy_of(blend))))
+
+    async def statistics(self, request: Request) -> Response:
+        model, version = request.path_params.get("model", ""), request.path_params.get("version", "")
+        return JSONResponse(triton.as_json(triton.statistics(self._engine.statistics_of(model, version))))
+
+    # ---- inference -------------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        received = time.perf_counter_ns()
+        body = await request.body()
+        model, version = _names(request)
+        header_length = request.headers.get(codec.HEADER_LENGTH)
+        decoded: list[codec.Decoded] = []
+
+        def decode() -> Any:
+            decoded.append(codec.decode_infer(body, header_length, model, version))
+            return decoded[0].request
+
+        call = Call(model, received, decode, lambda response: codec.encode_infer(response, decoded[0]))
+        encoded = await run_in_threadpool(self._engine.serve, call)
+        return Response(encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))
+
+    # ---- the model repository --------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        document = await _json_body(request)
+        ready = document.get("ready", False) is True
+        rows = self._repository.index(ready)
+        entries = [{"name": n, "version": v, "state": s, "reason": r} for n, v, s, r in rows]
+        return JSONResponse([{k: v for k, v in entry.items() if v} for entry in entries])
+
+    async def load(self, request: Request) -> Response:
+        document = await _json_body(request)
+        parameters = document.get("parameters") or {}
+        config = parameters.get("config") if isinstance(parameters, dict) else None
+        if config is not None and not isinstance(config, str):
+            raise InvalidRequest("parameters.config: expected the spec as a JSON string")
+        spec = spec_from_json(config, "parameters.config") if config is not None else None
+        await run_in_threadpool(self._controller.load_model, request.path_params["model"], spec, _who(request))
+        return Response(status_code=200)
+
+    async def unload(self, request: Request) -> Response:
+        await run_in_threadpool(self._controller.unload, request.path_params["model"], _who(request))
+        return Response(status_code=200)
+
+
+def _names(request: Request) -> tuple[str, str]:
+    return request.path_params["model"], request.path_params.get("version", "")
+
+
+def _who(request: Request) -> str:
+    return f"http:{request.client.host}:{request.client.port}" if request.client is not None else "http"
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("request body: expected a JSON object")
+    return document

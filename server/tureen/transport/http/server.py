@@ -1,0 +1,108 @@
+"""Assembling the HTTP/REST server: the routes on uvicorn, in a thread of its own.
+
+The socket is bound here, before uvicorn starts, so ``port=0`` gives a free port at once and a
+port in use fails start-up with the flag's name. TLS takes the same files as gRPC's.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+
+import uvicorn
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tureen.core.access import Access
+from tureen.core.blends import BlendRepository
+from tureen.core.controller import Controller
+from tureen.core.engine import Engine
+from tureen.transport.http.routes import Routes
+from tureen.transport.tls import Tls
+
+_log = logging.getLogger("tureen.transport")
+
+
+class HttpEndpoint:
+    """A bound HTTP server; ``start`` serves it in a daemon thread, ``stop`` ends it."""
+
+    def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        self._server = server
+        self._socket = sock
+        self.port: int = sock.getsockname()[1]
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tureen-http", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self._server.run(sockets=[self._socket])  # on uvloop when it is installed
+
+    def stop(self, grace: float) -> None:
+        """Stop taking connections; requests in flight get ``grace`` seconds."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(grace + 1.0)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(1.0)
+        self._socket.close()
+
+
+def create_http_server(
+    engine: Engine,
+    repository: BlendRepository,
+    controller: Controller,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    access: Access | None = None,
+    tls: Tls | None = None,
+    max_body_bytes: int = 64 * 1024 * 1024,
+) -> HttpEndpoint:
+    """Build (not start) the server and bind it; ``port=0`` picks a free port (``HttpEndpoint.port``)."""
+    app = Routes(engine, repository, controller, access or Access()).app()
+    config = uvicorn.Config(
+        _limited(app, max_body_bytes),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=tls.cert if tls else None,
+        ssl_keyfile=tls.key if tls else None,
+        ssl_ca_certs=tls.client_ca if tls else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+    )
+    try:
+        config.load()  # reads the TLS files now, so a bad one fails start-up
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"--tls-cert/--tls-key: cannot use them for HTTP: {exc}") from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"--http-port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return HttpEndpoint(uvicorn.Server(config), sock)
+
+
+def _limited(app: ASGIApp, limit: int) -> ASGIApp:
+    """Refuse bodies over ``limit`` bytes before reading them (the gRPC port's message limit)."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for key, value in scope.get("headers", ()):
+                if key == b"content-length" and value.isdigit() and int(value) > limit:
+                    response = JSONResponse({"error": f"the request body is over {limit} bytes (--max-message-mb)"}, 413)
+                    await response(scope, receive, send)
+                    return
+        await app(scope, receive, send)
+
+    return limited
