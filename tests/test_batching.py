@@ -6,6 +6,7 @@ everything else goes through tritonclient against a server on free ports.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -52,51 +53,52 @@ def test_a_batch_forms_at_the_largest_preferred_size_at_the_maximum_or_after_the
     assert BatchPolicy.of(parse_spec(digits_spec(NAMES, serving={"batching": {}})), 0) is None  # no batch dimension
 
 
-def test_a_lone_request_runs_at_once_on_its_callers_thread_and_later_ones_join_one_batch() -> None:
-    ran: list[tuple[str, list[int]]] = []
-    release = threading.Event()
+def test_a_lone_request_runs_at_once_in_its_own_coroutine_and_later_ones_join_one_batch() -> None:
+    async def scenario() -> tuple[list[tuple[Any, list[int]]], list[int], Any]:
+        ran: list[tuple[Any, list[int]]] = []
+        release = asyncio.Event()
 
-    def execute(jobs: list[Job]) -> None:
-        ran.append((threading.current_thread().name, [job.payload for job in jobs]))
-        if jobs[0].payload == 0:
-            release.wait(10)  # the first batch runs until the others have queued
-        for job in jobs:
-            job.finish(job.payload * 10)
+        async def run(jobs: list[Job]) -> None:
+            ran.append((asyncio.current_task(), [job.payload for job in jobs]))
+            if jobs[0].payload == 0:
+                await release.wait()  # the first batch runs until the others have queued
+            for job in jobs:
+                job.finish(job.payload * 10)
 
-    batcher = Batcher(policy(), execute, lambda depth: None, "test")
-    first = Job((), 1, 0)
-    caller = threading.Thread(target=batcher.submit, args=(first,), name="caller")
-    caller.start()
-    while not ran:
-        time.sleep(0.001)
-    later = [Job((), 1, i) for i in (1, 2, 3)]
-    for job in later:
-        batcher.submit(job)  # queued behind the running batch: returns at once
-    release.set()
-    caller.join(10)
-    assert first.wait() == 0 and [job.wait() for job in later] == [10, 20, 30]
-    assert ran[0] == ("caller", [0])  # no hand-off to another thread, no waiting
-    assert ran[1][1] == [1, 2, 3] and ran[1][0].startswith("tureen-batch-")
+        batcher = Batcher(policy(), run, lambda depth: None, "test")
+        first = asyncio.create_task(batcher.submit(Job((), 1, 0)))
+        await asyncio.sleep(0)
+        later = [asyncio.create_task(batcher.submit(Job((), 1, i))) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        release.set()
+        results = await asyncio.gather(first, *later)
+        return ran, list(results), first
+
+    ran, results, first = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30]
+    assert ran[0] == (first, [0])  # in the request's own coroutine: no queue, no task to wake
+    assert ran[1][1] == [1, 2, 3] and ran[1][0].get_name() == "tureen-batch test"
 
 
 def test_requests_of_other_shapes_wait_for_a_batch_of_their_own() -> None:
-    batches: list[list[Any]] = []
+    async def scenario() -> list[list[Any]]:
+        batches: list[list[Any]] = []
 
-    def execute(jobs: list[Job]) -> None:
-        batches.append([job.payload for job in jobs])
+        async def run(jobs: list[Job]) -> None:
+            batches.append([job.payload for job in jobs])
+            for job in jobs:
+                job.finish(None)
+
+        batcher = Batcher(policy(delay_us=100_000, preferred=(2,)), run, lambda depth: None, "test")
+        jobs = [Job(("short",), 1, "a"), Job(("long",), 1, "b"), Job(("short",), 1, "c")]
+        tasks = []
         for job in jobs:
-            job.finish(None)
+            tasks.append(asyncio.create_task(batcher.submit(job)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return batches
 
-    batcher = Batcher(policy(delay_us=100_000, preferred=(2,)), execute, lambda depth: None, "test")
-    jobs = [Job(("short",), 1, "a"), Job(("long",), 1, "b"), Job(("short",), 1, "c")]
-    threads = [threading.Thread(target=batcher.submit, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.01)
-    for thread, job in zip(threads, jobs, strict=True):
-        thread.join(10)
-        job.wait()
-    assert sorted(batches) == [["a", "c"], ["b"]]
+    assert sorted(asyncio.run(scenario())) == [["a", "c"], ["b"]]
 
 
 @pytest.fixture

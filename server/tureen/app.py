@@ -28,6 +28,7 @@ from tureen.observability import PrometheusObserver, serve_metrics, stop_metrics
 from tureen.spec import SoupSpec
 from tureen.transport.grpc.server import Endpoint, create_server
 from tureen.transport.http.server import HttpEndpoint, create_http_server
+from tureen.transport.loop import ServingLoop
 from tureen.transport.tls import Tls
 
 _log = logging.getLogger("tureen")
@@ -97,7 +98,7 @@ class App:
         self.pool = IngredientPool(self.device, observer)
         self.kitchen = Kitchen(self.pool, observer, settings.merge_kernels)
         self.repository = BlendRepository(observer)
-        self.engine = Engine(self.repository, observer)
+        self.engine = Engine(self.repository, observer, workers=settings.grpc_workers)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.store is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="tureen-store-")
@@ -122,17 +123,21 @@ class App:
         self.metrics_port = 0
         self._grpc: Endpoint | None = None
         self._http: HttpEndpoint | None = None
+        self._loop: ServingLoop | None = None
         self._metrics_server: WSGIServer | None = None
 
     def start(self) -> None:
         """Start /metrics and gRPC; models answer UNAVAILABLE until ``build_all`` swaps them in."""
         s = self.settings
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
+        self._loop = ServingLoop()
+        self._loop.start()
         try:
             self._grpc = create_server(
                 self.engine,
                 self.repository,
                 self.controller,
+                self._loop,
                 host=s.host,
                 port=s.grpc_port,
                 max_message_bytes=s.max_message_bytes,
@@ -145,6 +150,7 @@ class App:
                     self.engine,
                     self.repository,
                     self.controller,
+                    self._loop,
                     host=s.host,
                     port=s.http_port,
                     access=self.access,
@@ -186,6 +192,10 @@ class App:
         if self._grpc is not None:
             self._grpc.stop(grace)
             self._grpc = None
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        self.engine.close()
         if self._metrics_server is not None:
             stop_metrics(self._metrics_server)
             self._metrics_server = None

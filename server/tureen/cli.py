@@ -88,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="largest gRPC message (or HTTP request body) accepted or sent, in MiB (default: 64)",
     )
-    serve.add_argument("--grpc-workers", type=_positive, default=8, metavar="N", help="gRPC worker threads (default: 8)")
+    serve.add_argument(
+        "--grpc-workers",
+        type=_positive,
+        default=8,
+        metavar="N",
+        help="threads for blocking admin calls and for forwards too slow to run on the serving loop (default: 8)",
+    )
     _kernels_option(serve)
     serve.add_argument(
         "--store",

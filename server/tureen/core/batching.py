@@ -1,32 +1,27 @@
-"""Triton's dynamic batcher for one blend: a queue, and batches formed from it.
+"""Triton's dynamic batcher for one blend, on the serving event loop: a queue, and batches formed from it.
 
 Every blend with batching has its own ``Batcher``, so a batch never mixes blends: requests
 routed to a blend before a swap finish on it, those after go to the new blend's queue.
 
-Nobody waits for a batcher thread when there is no queue: a request that finds its batcher
-idle runs the first batch itself (with whatever queued behind it meanwhile), so a lone
-request costs what an unbatched one does. Requests that arrive while a batch runs queue up;
-when the running batch ends and requests are waiting, the batcher's own thread takes over and
-runs batches until the queue is empty.
+Both transports receive requests on one event loop, and a batch runs on that loop (or, for a
+blend whose forwards are slow, on a worker thread while the loop goes on receiving). Requests
+that arrive while a batch runs queue up and form the next batch, with no thread hand-off per
+request. A request that finds its batcher idle runs at once in its own coroutine, so a lone
+request costs what an unbatched one does.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from tureen.errors import Cancelled, DeadlineExceeded, InferenceFailed, QueueFull, SoupError
+from tureen.errors import Cancelled, DeadlineExceeded, QueueFull, SoupError
 from tureen.spec import SoupSpec
-
-_log = logging.getLogger("tureen.batching")
-
-IDLE_SECONDS = 30.0
-"""A batcher's thread ends after this long without work (the next queue starts another)."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +60,9 @@ class BatchPolicy:
 
 
 class Job:
-    """One request in a queue: what it needs to join a batch, and the outcome its caller waits for."""
+    """One request in a queue: what it needs to join a batch, and the outcome its caller awaits."""
 
-    __slots__ = ("_batcher", "_done", "deadline_ns", "error", "key", "payload", "queued_ns", "result", "rows")
+    __slots__ = ("deadline_ns", "error", "key", "payload", "queued_ns", "result", "rows")
 
     def __init__(self, key: Hashable, rows: int, payload: Any, deadline_ns: int | None = None) -> None:
         self.key = key
@@ -78,153 +73,138 @@ class Job:
         self.payload = payload
         self.result: Any = None
         self.error: SoupError | None = None
-        self._done = threading.Event()
-        self._batcher: Batcher | None = None
 
     def finish(self, result: Any) -> None:
         self.result = result
-        self._done.set()
 
     def fail(self, error: SoupError) -> None:
         self.error = error
-        self._done.set()
 
-    def expired(self, now_ns: int) -> bool:
-        return self.deadline_ns is not None and now_ns >= self.deadline_ns
-
-    def wait(self) -> Any:
-        """The result once computed; raises the job's error. Gives up at the deadline only
-        while the job is still queued: once its batch runs, it finishes."""
-        if self.deadline_ns is not None and self._batcher is not None:
-            timeout = min(max(0.0, (self.deadline_ns - time.perf_counter_ns()) / 1e9), threading.TIMEOUT_MAX)
-            if not self._done.wait(timeout):
-                self._batcher.withdraw(self, DeadlineExceeded("the deadline passed while the request was queued"))
-        self._done.wait()
+    def outcome(self) -> Any:
         if self.error is not None:
             raise self.error
         return self.result
 
-    def cancel(self) -> None:
-        """The caller went away: leave the queue if still in it (a batch already running finishes)."""
-        if self._batcher is not None:
-            self._batcher.withdraw(self, Cancelled("the call was cancelled while the request was queued"))
 
-
-Execute = Callable[[list[Job]], None]
+Run = Callable[[list[Job]], Awaitable[None]]
 """Runs one batch: finishes or fails every job in it; must not raise."""
 
 
 class Batcher:
-    """The queue of one blend and the batches formed from it."""
+    """The queue of one blend and the batches formed from it; used from one event loop."""
 
-    def __init__(self, policy: BatchPolicy, execute: Execute, depth: Callable[[int], None], name: str) -> None:
+    def __init__(self, policy: BatchPolicy, run: Run, depth: Callable[[int], None], name: str) -> None:
         self.policy = policy
-        self._execute = execute
+        self._run = run
         self._depth = depth
         self._name = name
-        self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._queue: deque[tuple[Job, asyncio.Future[None]]] = deque()
         self._busy = False
-        """Someone (a caller or the thread) is forming or running a batch; False only with an empty queue."""
-        self._handed = False
-        self._thread: threading.Thread | None = None
+        """A batch is being formed or run; False only with an empty queue."""
+        self._arrived = asyncio.Event()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``, then run its batch here if nobody else is running one; ``job.wait()`` after."""
-        with self._cond:
-            if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
-                raise QueueFull(f"{self._name}: the batching queue is full ({self.policy.max_queue_size} requests)")
-            job.queued_ns = time.perf_counter_ns()
-            job._batcher = self
-            self._queue.append(job)
-            self._depth(len(self._queue))
-            if self._busy:
-                self._cond.notify_all()  # an executor may be waiting for a fuller batch
-                return
-            self._busy = True
-        self._run(self._take())
-        with self._cond:
-            if self._queue:
-                self._hand_over()
-            else:
-                self._busy = False
-
-    def withdraw(self, job: Job, error: SoupError) -> bool:
-        """Take ``job`` out of the queue with ``error``; False if it is no longer queued."""
-        with self._cond:
+    async def submit(self, job: Job) -> Any:
+        """Queue ``job`` and return its result once its batch ran (raising its error). A full
+        queue refuses it at once; its deadline, or its caller's cancellation, take it out of the
+        queue if its batch has not started."""
+        if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
+            raise QueueFull(f"{self._name}: the batching queue is full ({self.policy.max_queue_size} requests)")
+        if not self._busy and self.policy.max_queue_delay_ns == 0:
+            self._busy = True  # a lone request: no queue to wait in, no task to wake
             try:
-                self._queue.remove(job)
-            except ValueError:
-                return False
-            self._depth(len(self._queue))
-        job.fail(error)
-        return True
+                await self._run([job])
+            finally:
+                self._after()
+            return job.outcome()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        job.queued_ns = time.perf_counter_ns()
+        self._queue.append((job, done))
+        self._depth(len(self._queue))
+        self._arrived.set()
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain(), name=f"tureen-batch {self._name}")
+        await self._wait(job, done)
+        return job.outcome()
 
-    def _hand_over(self) -> None:
-        """Let the batcher's thread run what is queued (the caller holds the lock and stays busy)."""
-        self._handed = True
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=f"tureen-batch-{self._name}", daemon=True)
-            self._thread.start()
-        self._cond.notify_all()
+    async def _wait(self, job: Job, done: asyncio.Future[None]) -> None:
+        timeout = None if job.deadline_ns is None else max(0.0, (job.deadline_ns - time.perf_counter_ns()) / 1e9)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            if self._withdraw(job):
+                raise DeadlineExceeded("the deadline passed while the request was queued") from None
+            await done  # its batch is running: it finishes
+        except asyncio.CancelledError:
+            if self._withdraw(job):
+                job.fail(Cancelled("the call was cancelled while the request was queued"))
+            raise
 
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._handed, IDLE_SECONDS):
-                    self._thread = None
-                    return
-                self._handed = False
-            while True:
-                batch = self._take()
-                with self._cond:
-                    if not batch and not self._queue:
-                        self._busy = False
-                        break
-                self._run(batch)
+    def _withdraw(self, job: Job) -> bool:
+        for entry in self._queue:
+            if entry[0] is job:
+                self._queue.remove(entry)
+                self._depth(len(self._queue))
+                return True
+        return False
 
-    def _take(self) -> list[Job]:
+    def _after(self) -> None:
+        """A batch ended: drain what queued meanwhile, or go idle."""
+        if self._queue:
+            asyncio.get_running_loop().create_task(self._drain(), name=f"tureen-batch {self._name}")
+        else:
+            self._busy = False
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # requests received during the last batch join this one
+                batch = await self._take()
+                try:
+                    if batch:
+                        await self._run([job for job, _ in batch])
+                finally:  # never leave a caller waiting on a job nobody will finish
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._busy = False
+
+    async def _take(self) -> list[tuple[Job, asyncio.Future[None]]]:
         """The next batch, waiting as the policy says; [] once the queue is empty."""
-        with self._cond:
-            while True:
-                self._drop_expired()
-                if not self._queue:
-                    return []
-                head = self._queue[0]
-                alike = [job for job in self._queue if job.key == head.key]
-                available = sum(job.rows for job in alike)
-                now = time.perf_counter_ns()
-                target = self.policy.target(available, now - head.queued_ns)
-                if target is not None:
-                    batch = self._fill(alike, target)
-                    self._depth(len(self._queue))
-                    return batch
-                self._cond.wait(max(0.0, (head.queued_ns + self.policy.max_queue_delay_ns - now) / 1e9))
+        while True:
+            self._drop_expired()
+            if not self._queue:
+                return []
+            head = self._queue[0][0]
+            alike = [entry for entry in self._queue if entry[0].key == head.key]
+            now = time.perf_counter_ns()
+            target = self.policy.target(sum(job.rows for job, _ in alike), now - head.queued_ns)
+            if target is not None:
+                return self._fill(alike, target)
+            self._arrived.clear()
+            wait = max(0.0, (head.queued_ns + self.policy.max_queue_delay_ns - now) / 1e9)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait)
 
-    def _fill(self, alike: list[Job], target: int) -> list[Job]:
-        batch: list[Job] = []
+    def _fill(self, alike: list[tuple[Job, asyncio.Future[None]]], target: int) -> list[tuple[Job, asyncio.Future[None]]]:
+        batch: list[tuple[Job, asyncio.Future[None]]] = []
         rows = 0
-        for job in alike:
-            if batch and rows + job.rows > target:
+        for entry in alike:
+            if batch and rows + entry[0].rows > target:
                 break
-            batch.append(job)
-            rows += job.rows
-        for job in batch:
-            self._queue.remove(job)
+            batch.append(entry)
+            rows += entry[0].rows
+        for entry in batch:
+            self._queue.remove(entry)
+        self._depth(len(self._queue))
         return batch
 
     def _drop_expired(self) -> None:
         now = time.perf_counter_ns()
-        for job in [job for job in self._queue if job.expired(now)]:
-            self._queue.remove(job)
-            job.fail(DeadlineExceeded("the deadline passed while the request was queued"))
-
-    def _run(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        try:
-            self._execute(batch)
-        except Exception as exc:  # never leave a caller waiting on a job nobody will finish
-            _log.exception("%s: a batch failed outside the forward", self._name)
-            for job in batch:
-                job.fail(InferenceFailed(f"{self._name}: the batch failed: {exc}"))
+        for entry in [e for e in self._queue if e[0].deadline_ns is not None and now >= e[0].deadline_ns]:
+            self._queue.remove(entry)
+            entry[0].fail(DeadlineExceeded("the deadline passed while the request was queued"))
+            entry[1].set_result(None)
+        if not self._queue:
+            self._depth(0)

@@ -6,16 +6,22 @@ routing (active version, a pinned version or the canary), the interface checks, 
 batching queue when it has one, the forward, and the accounting. A request is counted once:
 as a success after its response is encoded, or as a failure of the blend it was routed to
 (of the model's active version when it failed before routing).
+
+``serve`` runs on the serving event loop that both transports share. A forward runs on the loop
+itself while the blend's forwards are short (no thread hand-off per request: that is what keeps
+the GIL from being passed around between threads under load), and on a worker thread once they
+are slow enough that the loop should go on receiving meanwhile.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -24,7 +30,7 @@ from tureen.core.blends import Blend, BlendRepository
 from tureen.core.observer import Observer
 from tureen.core.rollout import OnlineAccuracy
 from tureen.core.statistics import StatisticsBook, Timings, VersionStatistics
-from tureen.errors import DeadlineExceeded, InferenceFailed, SoupError
+from tureen.errors import Cancelled, DeadlineExceeded, InferenceFailed, SoupError
 
 T = TypeVar("T")
 
@@ -59,8 +65,6 @@ class Call(Generic[T]):
     encode: Callable[[InferResponse], T]
     deadline_ns: int | None = None
     """The caller's deadline on the same clock; a request still queued then is dropped."""
-    on_cancel: Callable[[Callable[[], None]], None] | None = None
-    """Registers what to do when the caller goes away (the transport calls it then)."""
 
 
 @dataclass
@@ -77,38 +81,40 @@ class _Work:
     timings: Timings | None = None
 
 
+INLINE_NS = 2_000_000
+"""Forwards that took less than this (a moving average per blend) run on the event loop."""
+
+
 class Engine:
     """Runs requests on whichever blend each one is routed to when it arrives."""
 
-    def __init__(self, repository: BlendRepository, observer: Observer, online: OnlineAccuracy | None = None) -> None:
+    def __init__(
+        self, repository: BlendRepository, observer: Observer, online: OnlineAccuracy | None = None, workers: int = 8
+    ) -> None:
+        """``workers``: threads for forwards too slow to run on the event loop."""
         self.repository = repository
         self.statistics = StatisticsBook()
         self.online = online if online is not None else OnlineAccuracy()
         self._observer = observer
         self._batchers: weakref.WeakKeyDictionary[Blend, Batcher | None] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
+        self._forward_ns: weakref.WeakKeyDictionary[Blend, float] = weakref.WeakKeyDictionary()
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-forward")
 
-    def serve(self, call: Call[T]) -> T:
+    async def serve(self, call: Call[T]) -> T:
         """Decode, route, check, queue, compute and encode one request; count it once."""
-        work: _Work | None = None
-        blend: Blend | None = None
-        try:
+        ledger = _Ledger(self, call)
+        with ledger:
             request = call.decode()
-            blend = self.repository.route(request.model, request.version, request.parameters)
+            ledger.blend = blend = self.repository.route(request.model, request.version, request.parameters)
             work = _Work(blend, request, blend.signature.check_outputs(request.outputs), 0, call.received_ns)
             work.rows = blend.signature.check_inputs(request.inputs)
-            self._compute(work, call)
+            await self._compute(work, call)
             encoded = call.encode(InferResponse(blend.model, blend.version, request.id, work.outputs))
-        except SoupError as exc:
-            self._failed(call, blend, exc)
-            raise
-        except Exception as exc:
-            where = f"model {blend.model!r} version {blend.version}" if blend is not None else f"model {call.model!r}"
-            failure = InferenceFailed(f"{where}: cannot answer the request: {exc}")
-            self._failed(call, blend, failure)
-            raise failure from exc
-        self._succeeded(work)
+            ledger.work = work
         return encoded
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def policy_of(self, blend: Blend) -> BatchPolicy | None:
         """How ``blend`` batches requests (None: one forward per request)."""
@@ -131,46 +137,44 @@ class Engine:
 
     # ---- compute -----------------------------------------------------------------------------
 
-    def _compute(self, work: _Work, call: Call[T]) -> None:
+    async def _compute(self, work: _Work, call: Call[T]) -> None:
         batcher = self._batcher(work.blend)
         if batcher is None:
             if call.deadline_ns is not None and time.perf_counter_ns() >= call.deadline_ns:
                 raise DeadlineExceeded("the deadline passed before the request could run")
-            self._execute_one(work)
+            job = Job((), work.rows, work)
+            await self._run([job])
+            job.outcome()
             return
         shapes = tuple((name, tuple(t.shape[1:]), t.dtype) for name, t in sorted(work.request.inputs.items()))
-        job = Job(shapes, work.rows, work, call.deadline_ns)
-        if call.on_cancel is not None:
-            call.on_cancel(job.cancel)
-        batcher.submit(job)
-        job.wait()
+        await batcher.submit(Job(shapes, work.rows, work, call.deadline_ns))
 
     def _batcher(self, blend: Blend) -> Batcher | None:
         try:
             return self._batchers[blend]
         except KeyError:
             pass
-        with self._lock:
-            if blend not in self._batchers:
-                policy = self.policy_of(blend)
-                model, version = blend.model, str(blend.version)  # the batcher must not keep the blend alive
-                self._batchers[blend] = (
-                    None
-                    if policy is None
-                    else Batcher(
-                        policy,
-                        self._execute,
-                        lambda depth: self._observer.queue_depth(model, version, depth),
-                        f"model {model!r} version {version}",
-                    )
-                )
-            return self._batchers[blend]
+        policy = self.policy_of(blend)
+        model, version = blend.model, str(blend.version)  # the batcher must not keep the blend alive
+        self._batchers[blend] = batcher = (
+            None
+            if policy is None
+            else Batcher(
+                policy,
+                self._run,
+                lambda depth: self._observer.queue_depth(model, version, depth),
+                f"model {model!r} version {version}",
+            )
+        )
+        return batcher
 
-    def _execute_one(self, work: _Work) -> None:
-        job = Job((), work.rows, work)
-        self._execute([job])
-        if job.error is not None:
-            raise job.error
+    async def _run(self, jobs: list[Job]) -> None:
+        """One batch: on the loop when this blend's forwards are short, else on a worker thread."""
+        blend = jobs[0].payload.blend
+        if self._forward_ns.get(blend, INLINE_NS) < INLINE_NS:
+            self._execute(jobs)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._execute, jobs)
 
     def _execute(self, jobs: list[Job]) -> None:
         """One forward for ``jobs`` (all on one blend, inputs alike past the batch dimension)."""
@@ -193,6 +197,8 @@ class Engine:
             return
         done = time.perf_counter_ns()
         compute = (forward_at - started, output_at - forward_at, done - output_at)
+        previous = self._forward_ns.get(blend)
+        self._forward_ns[blend] = compute[1] if previous is None else 0.8 * previous + 0.2 * compute[1]
         rows = sum(work.rows for work in works)
         self.statistics.executed(blend.model, blend.version, rows, *compute)
         self._observer.batch_executed(blend.model, str(blend.version), rows)
@@ -203,8 +209,8 @@ class Engine:
 
     # ---- accounting ----------------------------------------------------------------------------
 
-    def _succeeded(self, work: _Work | None) -> None:
-        assert work is not None and work.timings is not None
+    def succeeded(self, work: _Work) -> None:
+        assert work.timings is not None
         blend, timings = work.blend, work.timings
         total = time.perf_counter_ns() - work.received_ns
         if work.classes is not None and work.request.id:  # kept so that Feedback can score this request later
@@ -214,7 +220,7 @@ class Engine:
             blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
         )
 
-    def _failed(self, call: Call[T], blend: Blend | None, error: SoupError) -> None:
+    def failed(self, call: Call[T], blend: Blend | None, error: SoupError) -> None:
         """Count a failed request against the blend it was routed to, else the model's active one."""
         total = time.perf_counter_ns() - call.received_ns
         known = self.repository.models()
@@ -226,6 +232,37 @@ class Engine:
         # Unknown model names stay out of labels: clients must not be able to grow our series.
         label = call.model if call.model in known else ""
         self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)
+
+
+class _Ledger:
+    """Counts one request once, whatever way its ``serve`` ends: a non-Soup error becomes
+    ``InferenceFailed``, a cancelled call counts as ``Cancelled`` and stays cancelled."""
+
+    def __init__(self, engine: Engine, call: Call[Any]) -> None:
+        self.engine, self.call = engine, call
+        self.blend: Blend | None = None
+        self.work: _Work | None = None
+
+    def __enter__(self) -> _Ledger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            assert self.work is not None
+            self.engine.succeeded(self.work)
+            return
+        if isinstance(exc, SoupError):
+            self.engine.failed(self.call, self.blend, exc)
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.engine.failed(self.call, self.blend, Cancelled("the call was cancelled"))
+            return
+        if not isinstance(exc, Exception):
+            return
+        where = f"model {self.blend.model!r} version {self.blend.version}" if self.blend else f"model {self.call.model!r}"
+        failure = InferenceFailed(f"{where}: cannot answer the request: {exc}")
+        self.engine.failed(self.call, self.blend, failure)
+        raise failure from exc
 
 
 def _joined(works: list[_Work]) -> Mapping[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -90,13 +91,18 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
     def WatchStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> Iterator[pb.GetStatusReply]:
         changes = self._controller.changes
         seen = changes.generation
-        context.add_callback(changes.bump)  # a cancelled watch stops waiting at once
+        ended = threading.Event()
+
+        def end(*_: object) -> None:  # the call ended (a cancelled watch, too): stop waiting at once
+            ended.set()
+            changes.bump()
+
+        context.add_callback(end)
         yield self._status(request.model)
-        while context.is_active():
-            now = changes.wait(seen, WATCH_HEARTBEAT_S)
-            if now == seen and not context.is_active():
+        while not ended.is_set():
+            seen = changes.wait(seen, WATCH_HEARTBEAT_S)
+            if ended.is_set():
                 return
-            seen = now
             yield self._status(request.model)
 
     def _status(self, model: str) -> pb.GetStatusReply:

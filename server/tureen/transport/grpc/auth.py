@@ -8,8 +8,9 @@ tools work without secrets.
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,17 +22,17 @@ INFERENCE_PREFIXES = ("/inference.GRPCInferenceService/", "/tureen.v1.SoupFeedba
 _PEER = re.compile(r"^ipv4:(?P<v4>[\d.]+):\d+$|^ipv6:\[(?P<v6>[0-9A-Fa-f:.]+)(?:%[^\]]*)?\]:\d+$")
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
+class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Runs ``Access.admit`` before the admin and inference methods; placed inside the error
     interceptor, so that its refusals get their status in the one place statuses are chosen."""
 
     def __init__(self, access: Access) -> None:
         self._access = access
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         kind: Kind | None = (
             "admin" if method.startswith(ADMIN_PREFIXES) else "inference" if method.startswith(INFERENCE_PREFIXES) else None
@@ -41,18 +42,39 @@ class AccessInterceptor(grpc.ServerInterceptor):
         bearer = bearer_token(handler_call_details.invocation_metadata or ())
         access = self._access
 
-        def admitted(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                access.admit(kind, bearer, peer_address(context.peer()))
-                return behavior(request, context)
-
-            return call
+        def admit(context: Any) -> None:
+            access.admit(kind, bearer, peer_address(context.peer()))
 
         for slot in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, slot)
             if behavior is not None:
-                return handler._replace(**{slot: admitted(behavior)})
+                return handler._replace(**{slot: _admitted(behavior, admit)})
         return handler
+
+
+def _admitted(behavior: Callable[..., Any], admit: Callable[[Any], None]) -> Callable[..., Any]:
+    """``behavior`` that first admits its caller, of the same kind (async generator, coroutine, plain)."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            admit(context)
+            async for item in behavior(request, context):
+                yield item
+
+        return stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def call(request: Any, context: Any) -> Any:
+            admit(context)
+            return await behavior(request, context)
+
+        return call
+
+    def plain(request: Any, context: Any) -> Any:
+        admit(context)
+        return behavior(request, context)
+
+    return plain
 
 
 def bearer_token(metadata: Any) -> str | None:

@@ -1,5 +1,8 @@
 """The KServe v2 / Open Inference Protocol servicer: decode, delegate, encode.
 
+The inference RPCs are coroutines on the serving loop; the repository's load and unload block
+(a push waits for its build) and run on the server's thread pool.
+
 Triton's repository RPCs map onto the spec versions: ``RepositoryModelLoad`` with a
 ``config`` parameter pushes that spec (JSON) as a new version and waits until it serves,
 without one it serves the model's active version again; ``RepositoryModelUnload`` stops
@@ -10,7 +13,8 @@ logging) answer UNIMPLEMENTED through the generated base class.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -25,6 +29,8 @@ from tureen.spec import spec_from_json
 from tureen.transport import triton
 from tureen.transport.grpc import codec
 
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, repository: BlendRepository, controller: Controller) -> None:
@@ -32,45 +38,45 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._repository = repository
         self._controller = controller
 
-    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._repository.all_ready())
 
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="tureen", version=__version__, extensions=triton.EXTENSIONS)
 
-    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
 
-    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         return triton.metadata(self._repository.active(request.name, request.version))
 
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         blend = self._repository.active(request.name, request.version)
         return pb.ModelConfigResponse(config=triton.model_config(blend, self._engine.policy_of(blend)))
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self._engine.serve(_call(request, context))
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return await self._engine.serve(_call(request, context))
 
-    def ModelStreamInfer(
-        self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One response per request, in order; a failed request's error goes in ``error_message``
         (with the request's id) and the stream goes on, as Triton's does."""
-        for request in requests:
+        async for request in requests:
             try:
-                response = self._engine.serve(_call(request, context, stream=True))
+                response = await self._engine.serve(_call(request, context))
             except SoupError as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_failed_response(request))
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
-    def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         return triton.statistics(self._engine.statistics_of(request.name, request.version))
 
-    def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state=state, reason=reason)
@@ -97,10 +103,8 @@ NO_DEADLINE_S = 365 * 24 * 3600.0
 """A deadline further off than this is none (gRPC reports a call without one as centuries away)."""
 
 
-def _call(request: pb.ModelInferRequest, context: grpc.ServicerContext, stream: bool = False) -> Call[pb.ModelInferResponse]:
-    """The data plane's view of one request. A stream's requests run one after another, so a
-    cancelled stream ends at its iterator: they register no cancel hook (a hook per request
-    would stay with the call until the stream ends)."""
+def _call(request: pb.ModelInferRequest, context: Context) -> Call[pb.ModelInferResponse]:
+    """The data plane's view of one request (a cancelled call cancels the coroutine serving it)."""
     received = time.perf_counter_ns()
     remaining = context.time_remaining()  # without a deadline: None, or "forever" as a huge number
     if remaining is not None and remaining > NO_DEADLINE_S:
@@ -111,15 +115,7 @@ def _call(request: pb.ModelInferRequest, context: grpc.ServicerContext, stream: 
         decode=lambda: codec.decode_infer_request(request),
         encode=codec.encode_infer_response,
         deadline_ns=None if remaining is None else received + int(remaining * 1e9),
-        on_cancel=None if stream else lambda cancel: _on_cancel(context, cancel),
     )
-
-
-def _on_cancel(context: grpc.ServicerContext, cancel: Callable[[], None]) -> None:
-    # add_callback runs when the call ends for any reason; a finished request is no longer
-    # queued, so the cancel then does nothing.
-    if not context.add_callback(cancel):
-        cancel()  # the call ended already
 
 
 def _failed_response(request: pb.ModelInferRequest) -> pb.ModelInferResponse:

@@ -1,4 +1,4 @@
-"""Assembling the gRPC server: servicers, error interceptor, health, reflection, limits."""
+"""Assembling the gRPC server (``grpc.aio``, on the serving loop): servicers, interceptors, health, reflection, limits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from tritonclient.grpc import service_pb2_grpc
 
@@ -16,9 +15,11 @@ from tureen.core.controller import Controller
 from tureen.core.engine import Engine
 from tureen.transport.grpc.admin import AdminServicer, FeedbackServicer
 from tureen.transport.grpc.auth import AccessInterceptor
-from tureen.transport.grpc.health import INFERENCE_SERVICE, add_health
+from tureen.transport.grpc.health import INFERENCE_SERVICE, Health, add_health
+from tureen.transport.grpc.health import SERVICE_NAME as HEALTH_SERVICE
 from tureen.transport.grpc.kserve import InferenceServicer
 from tureen.transport.grpc.status import ErrorInterceptor
+from tureen.transport.loop import ServingLoop
 from tureen.transport.tls import Tls, read_file
 from tureen.v1 import admin_pb2, admin_pb2_grpc
 
@@ -35,25 +36,27 @@ def credentials(tls: Tls) -> grpc.ServerCredentials:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A bound gRPC server with its health service, so stopping can announce itself first."""
+    """A bound gRPC server on the serving loop, with its health service, so stopping can announce itself first."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: Health
+    loop: ServingLoop
 
     def start(self) -> None:
-        self.server.start()
+        self.loop.call(self.server.start())
 
     def stop(self, grace: float) -> None:
         """Report NOT_SERVING to health watchers, then stop; requests in flight get ``grace`` s."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.loop.call(self.server.stop(grace))
 
 
 def create_server(
     engine: Engine,
     repository: BlendRepository,
     controller: Controller,
+    loop: ServingLoop,
     *,
     host: str = "0.0.0.0",
     port: int = 8001,
@@ -62,30 +65,35 @@ def create_server(
     access: Access | None = None,
     tls: Tls | None = None,
 ) -> Endpoint:
-    """Build (not start) the server and bind it; ``port=0`` picks a free port (``Endpoint.port``).
+    """Build (not start) the server on ``loop`` and bind it; ``port=0`` picks a free port
+    (``Endpoint.port``). ``workers``: threads for the blocking calls (admin, repository loads).
     ``access``: tokens and admin peers (default: no tokens, admin calls from loopback only)."""
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
-        # The first interceptor is the outermost: the error interceptor then maps the access
-        # interceptor's refusals to statuses too.
-        interceptors=[ErrorInterceptor(), AccessInterceptor(access or Access())],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository, controller), server)
-    admin_pb2_grpc.add_SoupAdminServicer_to_server(AdminServicer(controller, controller.kitchen.pool), server)
-    admin_pb2_grpc.add_SoupFeedbackServicer_to_server(FeedbackServicer(controller), server)
-    health_servicer = add_health(server, repository)
-    services = (INFERENCE_SERVICE, ADMIN_SERVICE, FEEDBACK_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = server.add_secure_port(address, credentials(tls)) if tls else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"--grpc-port: cannot listen on {address}: {exc}") from None
-    if bound == 0:
-        raise OSError(f"--grpc-port: cannot listen on {address}")
-    return Endpoint(server, bound, health_servicer)
+
+    async def build() -> Endpoint:
+        server = grpc.aio.server(
+            migration_thread_pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
+            # The first interceptor is the outermost: the error interceptor then maps the access
+            # interceptor's refusals to statuses too.
+            interceptors=[ErrorInterceptor(), AccessInterceptor(access or Access())],
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository, controller), server)
+        admin_pb2_grpc.add_SoupAdminServicer_to_server(AdminServicer(controller, controller.kitchen.pool), server)
+        admin_pb2_grpc.add_SoupFeedbackServicer_to_server(FeedbackServicer(controller), server)
+        health = add_health(server, repository, loop.loop)
+        services = (INFERENCE_SERVICE, ADMIN_SERVICE, FEEDBACK_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_secure_port(address, credentials(tls)) if tls else server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"--grpc-port: cannot listen on {address}: {exc}") from None
+        if bound == 0:
+            raise OSError(f"--grpc-port: cannot listen on {address}")
+        return Endpoint(server, bound, health, loop)
+
+    return loop.call(build())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -42,34 +43,62 @@ def status_of(error: errors.SoupError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns a ``SoupError`` raised by any servicer into its status and message."""
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns a ``SoupError`` raised by any servicer, async or not, into its status and message."""
 
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard(handler.unary_unary, method))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_guard(handler.stream_unary, method))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
-        if handler.stream_stream is not None:
-            return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+        for slot in SLOTS:
+            behavior = getattr(handler, slot)
+            if behavior is not None:
+                return handler._replace(**{slot: _guarded(behavior, method, streams=slot.endswith("stream"))})
         return handler
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+SLOTS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+"""The four kinds of RPC handler; a handler sets exactly one."""
+
+
+def decide(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message for an exception a servicer raised."""
     if isinstance(exc, errors.SoupError):
-        context.abort(status_of(exc), str(exc))
+        return status_of(exc), str(exc)
     if isinstance(exc, NotImplementedError):  # the generated base class for RPCs we do not serve
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this Tureen server")
+        return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this Tureen server"
     _log.exception("unexpected error in a request")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _guarded(behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except Exception as exc:
+                if _is_abort(exc, context):
+                    raise
+                await context.abort(*decide(exc, method))
+
+        return guarded_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def guarded_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except Exception as exc:
+                if _is_abort(exc, context):
+                    raise
+                await context.abort(*decide(exc, method))
+
+        return guarded_call
+    return _guard_stream(behavior, method) if streams else _guard(behavior, method)
 
 
 def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -79,7 +108,7 @@ def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) ->
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc, method)
+            context.abort(*decide(exc, method))
 
     return guarded
 
@@ -93,12 +122,15 @@ def _guard_stream(
         except Exception as exc:
             if _is_abort(exc, context):
                 raise
-            _abort(context, exc, method)
+            context.abort(*decide(exc, method))
 
     return guarded
 
 
-def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
-    # context.abort() raises a bare Exception after setting the status, and a cancelled call
-    # surfaces as an RpcError: both already carry their status, so let them through untouched.
-    return (type(exc) is Exception and context.code() is not None) or isinstance(exc, grpc.RpcError)
+def _is_abort(exc: Exception, context: Any) -> bool:
+    # context.abort() raises after setting the status (AbortError on the asyncio server, a bare
+    # Exception on a thread), and a cancelled call surfaces as an RpcError: all already carry
+    # their status, so let them through untouched.
+    if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):
+        return True
+    return type(exc) is Exception and context.code() is not None

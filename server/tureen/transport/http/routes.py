@@ -129,7 +129,7 @@ class Routes:
             return decoded[0].request
 
         call = Call(model, received, decode, lambda response: codec.encode_infer(response, decoded[0]))
-        encoded = await run_in_threadpool(self._engine.serve, call)
+        encoded = await self._engine.serve(call)
         return Response(encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))
 
     # ---- the model repository --------------------------------------------------------------------

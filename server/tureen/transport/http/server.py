@@ -1,4 +1,4 @@
-"""Assembling the HTTP/REST server: the routes on uvicorn, in a thread of its own.
+"""Assembling the HTTP/REST server: the routes on uvicorn, on the serving loop beside gRPC.
 
 The socket is bound here, before uvicorn starts, so ``port=0`` gives a free port at once and a
 port in use fails start-up with the flag's name. TLS takes the same files as gRPC's.
@@ -6,10 +6,11 @@ port in use fails start-up with the flag's name. TLS takes the same files as gRP
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
-import threading
+from concurrent.futures import Future
 
 import uvicorn
 from starlette.responses import JSONResponse
@@ -20,35 +21,34 @@ from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
 from tureen.transport.http.routes import Routes
+from tureen.transport.loop import ServingLoop
 from tureen.transport.tls import Tls
 
 _log = logging.getLogger("tureen.transport")
 
 
 class HttpEndpoint:
-    """A bound HTTP server; ``start`` serves it in a daemon thread, ``stop`` ends it."""
+    """A bound HTTP server; ``start`` serves it on the serving loop, ``stop`` ends it."""
 
-    def __init__(self, server: uvicorn.Server, sock: socket.socket) -> None:
+    def __init__(self, server: uvicorn.Server, sock: socket.socket, loop: ServingLoop) -> None:
         self._server = server
         self._socket = sock
+        self._loop = loop
         self.port: int = sock.getsockname()[1]
-        self._thread: threading.Thread | None = None
+        self._serving: Future[None] | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tureen-http", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        self._server.run(sockets=[self._socket])  # on uvloop when it is installed
+        self._serving = asyncio.run_coroutine_threadsafe(self._server.serve(sockets=[self._socket]), self._loop.loop)
 
     def stop(self, grace: float) -> None:
         """Stop taking connections; requests in flight get ``grace`` seconds."""
         self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(grace + 1.0)
-            if self._thread.is_alive():
+        if self._serving is not None:
+            try:
+                self._serving.result(grace + 1.0)
+            except TimeoutError:
                 self._server.force_exit = True
-                self._thread.join(1.0)
+                self._serving.result(2.0)
         self._socket.close()
 
 
@@ -56,6 +56,7 @@ def create_http_server(
     engine: Engine,
     repository: BlendRepository,
     controller: Controller,
+    loop: ServingLoop,
     *,
     host: str = "0.0.0.0",
     port: int = 8000,
@@ -90,7 +91,7 @@ def create_http_server(
         raise OSError(f"--http-port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(1024)
     sock.set_inheritable(True)
-    return HttpEndpoint(uvicorn.Server(config), sock)
+    return HttpEndpoint(uvicorn.Server(config), sock, loop)
 
 
 def _limited(app: ASGIApp, limit: int) -> ASGIApp:
