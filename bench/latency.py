@@ -80,7 +80,8 @@ def main() -> None:
         "ingredients": ingredients,
     }
     (folder / "spec.yaml").write_text(yaml.safe_dump(document))
-    app = App([load_spec(folder / "spec.yaml")], Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu"))
+    settings = Settings(host="127.0.0.1", grpc_port=0, http_port=None, metrics_port=0, device="cpu")
+    app = App([load_spec(folder / "spec.yaml")], settings)
     app.start()
     app.build_all()
     echo, echo_port = echo_server()

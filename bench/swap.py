@@ -62,7 +62,7 @@ def serve(documents: list[dict], store: str, ports: multiprocessing.Queue[int]) 
     """The server process: build both models, report the port, serve until terminated."""
     from tureen.spec import parse_spec
 
-    settings = Settings(host="127.0.0.1", grpc_port=0, metrics_port=0, device="cpu", store=store)
+    settings = Settings(host="127.0.0.1", grpc_port=0, http_port=None, metrics_port=0, device="cpu", store=store)
     app = App([parse_spec(d) for d in documents], settings)
     app.start()
     app.build_all()

@@ -104,3 +104,23 @@ class Gated(DigitsMLP):
 def gated(hidden: int = 8) -> Gated:
     Gated.OPEN.set()  # open while the blend is built and warmed up; the test closes it
     return Gated(hidden=hidden)
+
+
+class Recorder(DigitsMLP):
+    """The demo MLP, noting the thread each forward runs on (and pausing when asked to be slow)."""
+
+    THREADS: list[str] = []
+
+    def __init__(self, hidden: int = 8, pause: float = 0.0) -> None:
+        super().__init__(hidden=hidden)
+        self.pause = pause
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        Recorder.THREADS.append(threading.current_thread().name)
+        if self.pause:
+            threading.Event().wait(self.pause)
+        return super().forward(pixels)
+
+
+def recorder(hidden: int = 8, pause: float = 0.0) -> Recorder:
+    return Recorder(hidden=hidden, pause=pause)

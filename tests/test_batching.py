@@ -274,3 +274,21 @@ def test_a_failure_after_routing_is_booked_on_the_version_that_served_it(soup: t
     assert stats["2"].inference_stats.fail.count == 2 and stats["1"].inference_stats.fail.count == 1
     assert sample(text, "tureen_request_failure_total", model="digits", version="2", reason="invalid_argument") == 2
     assert sample(text, "tureen_request_failure_total", model="digits", version="1", reason="invalid_argument") == 1
+
+
+@pytest.mark.parametrize(("pause", "where"), [(0.0, "tureen-serve"), (0.01, "tureen-forward")], ids=["short", "slow"])
+def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
+    soup: tuple[Path, dict], pause: float, where: str
+) -> None:
+    from archs import Recorder
+
+    folder, _ = soup
+    document = digits_spec(NAMES, architecture={"factory": "archs:recorder", "kwargs": {"hidden": 8, "pause": pause}})
+    with running_app([parse_spec(document, base_dir=folder)], allow_factories=("archs:*",)) as app:
+        Recorder.THREADS.clear()
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{app.grpc_port}") as client:
+            for _ in range(4):
+                infer(client, np.ones((1, 64), dtype=np.float32))
+    first, *later = Recorder.THREADS
+    assert first.startswith("tureen-forward")  # nothing measured yet: never risk blocking the loop
+    assert len(later) == 3 and all(name.startswith(where) for name in later)

@@ -1,0 +1,78 @@
+"""KServe's Python ModelServer serving both models from a torch function (its gRPC v2 port).
+
+KServe has no ModelConfig RPC, which perf_analyzer calls first; a generic handler for that one
+method (answering Triton's ModelConfigResponse, serialized by the caller into ``--configs``) is
+added to KServe's own gRPC server. Inference and everything else stay KServe's own code.
+
+    python serve_kserve.py --weights DIR --configs FILE --grpc_port P --http_port H
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import grpc
+import kserve
+import torch
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from models import MODELS, load
+
+
+def config_handler(configs: dict[str, bytes]) -> grpc.GenericRpcHandler:
+    def model_name(request: bytes) -> str:  # ModelConfigRequest field 1 (name), a short string
+        return request[2 : 2 + request[1]].decode() if request[:1] == b"\x0a" else ""
+
+    async def config(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        name = model_name(request)
+        if name not in configs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name}")
+        return configs[name]
+
+    return grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelConfig": grpc.unary_unary_rpc_method_handler(config)}
+    )
+
+
+class TorchModel(Model):
+    def __init__(self, name: str, work: Path) -> None:
+        super().__init__(name)
+        self.module = load(name, work)
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:  # what ModelMetadata lists: perf_analyzer reads it
+        input_name, features, _ = MODELS[self.name]
+        return [{"name": input_name, "datatype": "FP32", "shape": [-1, features]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": output, "datatype": "FP32", "shape": [-1, 10]} for output in MODELS[self.name][2]]
+
+    def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+        with torch.inference_mode():
+            result = self.module(torch.from_numpy(payload.inputs[0].as_numpy()))
+        outputs = []
+        for name, tensor in result.items():
+            output = InferOutput(name=name, shape=list(tensor.shape), datatype="FP32")
+            output.set_data_from_numpy(tensor.numpy(), binary_data=True)
+            outputs.append(output)
+        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[kserve.model_server.parser])
+    parser.add_argument("--weights", type=Path, required=True, help="the folder of the merged weights")
+    parser.add_argument("--configs", type=Path, required=True)
+    args, _ = parser.parse_known_args()
+    configs = {name: bytes.fromhex(text) for name, text in json.loads(args.configs.read_text()).items()}
+    register = grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
+
+    def with_config(servicer: object, server: grpc.aio.Server) -> None:
+        register(servicer, server)
+        server.add_generic_rpc_handlers((config_handler(configs),))
+
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server = with_config
+    ModelServer(grpc_port=args.grpc_port, http_port=args.http_port, enable_latency_logging=False).start(
+        [TorchModel(name, args.weights) for name in MODELS]
+    )
