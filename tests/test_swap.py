@@ -6,9 +6,12 @@ inference and ``tureen_client`` (the operator library) for the admin API.
 
 from __future__ import annotations
 
+import json
 import shutil
+import ssl
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +198,6 @@ def test_admin_calls_need_the_token_and_inference_its_own(soup: tuple[Path, dict
 
 
 def test_tritonclient_load_model_pushes_a_spec_and_unload_stops_serving(soup: tuple[Path, dict]) -> None:
-    import json
-
     folder, states = soup
     x = np.random.default_rng(2).uniform(0, 16, size=(2, 64)).astype(np.float32)
     with running_app([load_spec(spec_file(folder, 1))]) as app:
@@ -368,6 +369,14 @@ def test_tls_with_client_certificates_serves_both_apis_and_refuses_clients_witho
         )
         assert infer(client, np.zeros((1, 64), dtype=np.float32))[0] == 2
         client.close()
+        # The HTTP port takes the same files: HTTPS, and only for clients with a certificate.
+        url = f"https://127.0.0.1:{app.http_port}/v2/models/digits"
+        context = ssl.create_default_context(cafile=str(certs["ca.pem"]))
+        with pytest.raises(OSError):  # the handshake (or, on TLS 1.3, the first read) fails without one
+            urllib.request.urlopen(url, context=context, timeout=10).read()
+        context.load_cert_chain(str(certs["client.pem"]), str(certs["client.key"]))
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert json.loads(response.read())["versions"] == ["2"]
 
 
 def test_no_room_for_a_second_blend_fails_the_push_unless_in_place(soup: tuple[Path, dict]) -> None:
