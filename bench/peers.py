@@ -9,6 +9,9 @@ the same merged weights everywhere) from:
 - ``triton`` and ``triton-db``: NVIDIA Triton from nvidia-pytriton, without and with Triton's
   dynamic batcher (100 us), when ``PEERS/pyt`` is a venv with ``nvidia-pytriton``;
 - ``kserve``: KServe's ModelServer, when ``PEERS/ksv`` is a venv with ``kserve``;
+- ``mlserver`` and ``mlserver-ab``: Seldon MLServer without and with adaptive batching (64 rows,
+  0.5 ms), when ``PEERS/mls`` is a venv with ``mlserver`` (pin ``uvloop==0.21.0`` there: its
+  workers crash-loop on uvloop 0.23);
 - ``floor``: a bare Python gRPC server running the bare forward (what nothing unbatched beats).
 
 Each point (model, concurrency, protocol) runs perf_analyzer against every server in turn,
@@ -150,6 +153,20 @@ def servers(work: Path, peers: Path) -> dict[str, tuple[list[str], dict[str, str
             ]
             command += ["--grpc-port", str(grpc_port), "--http-port", str(grpc_port - 1), "--metrics-port", str(grpc_port + 1)]
             found[name] = (command, environment({"LD_LIBRARY_PATH": libpython}), grpc_port, grpc_port - 1)
+    if (peers / "mls" / "bin" / "python").exists():
+        for i, (name, flags) in enumerate((("mlserver", []), ("mlserver-ab", ["--adaptive"]))):
+            grpc_port = 18501 + 10 * i
+            command = [str(peers / "mls" / "bin" / "python"), str(HERE / "peers" / "serve_mlserver.py"), "--weights", str(work)]
+            command += [
+                "--configs",
+                str(work / "configs.json"),
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(grpc_port - 1),
+                *flags,
+            ]
+            found[name] = (command, environment(), grpc_port, None)
     if (peers / "ksv" / "bin" / "python").exists():
         command = [str(peers / "ksv" / "bin" / "python"), str(HERE / "peers" / "serve_kserve.py"), "--weights", str(work)]
         command += ["--configs", str(work / "configs.json"), "--grpc_port", "18401", "--http_port", "18400"]

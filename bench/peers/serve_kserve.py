@@ -1,8 +1,7 @@
 """KServe's Python ModelServer serving both models from a torch function (its gRPC v2 port).
 
-KServe has no ModelConfig RPC, which perf_analyzer calls first; a generic handler for that one
-method (answering Triton's ModelConfigResponse, serialized by the caller into ``--configs``) is
-added to KServe's own gRPC server. Inference and everything else stay KServe's own code.
+KServe has no ModelConfig RPC, which perf_analyzer calls first: ``config_rpc`` adds one to
+KServe's own gRPC server. Inference and everything else stay KServe's own code.
 
     python serve_kserve.py --weights DIR --configs FILE --grpc_port P --http_port H
 """
@@ -10,30 +9,15 @@ added to KServe's own gRPC server. Inference and everything else stay KServe's o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+import config_rpc
 import grpc
 import kserve
 import torch
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from models import MODELS, load
-
-
-def config_handler(configs: dict[str, bytes]) -> grpc.GenericRpcHandler:
-    def model_name(request: bytes) -> str:  # ModelConfigRequest field 1 (name), a short string
-        return request[2 : 2 + request[1]].decode() if request[:1] == b"\x0a" else ""
-
-    async def config(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        name = model_name(request)
-        if name not in configs:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name}")
-        return configs[name]
-
-    return grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelConfig": grpc.unary_unary_rpc_method_handler(config)}
-    )
 
 
 class TorchModel(Model):
@@ -65,12 +49,11 @@ if __name__ == "__main__":
     parser.add_argument("--weights", type=Path, required=True, help="the folder of the merged weights")
     parser.add_argument("--configs", type=Path, required=True)
     args, _ = parser.parse_known_args()
-    configs = {name: bytes.fromhex(text) for name, text in json.loads(args.configs.read_text()).items()}
     register = grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
 
     def with_config(servicer: object, server: grpc.aio.Server) -> None:
         register(servicer, server)
-        server.add_generic_rpc_handlers((config_handler(configs),))
+        server.add_generic_rpc_handlers((config_rpc.handler(args.configs),))
 
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server = with_config
     ModelServer(grpc_port=args.grpc_port, http_port=args.http_port, enable_latency_logging=False).start(
