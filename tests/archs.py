@@ -82,8 +82,6 @@ def slow_mlp(hidden: int = 8, seconds: float = 1.0) -> nn.Module:
     """The demo MLP, built after a pause: a build slow enough to kill a server in the middle of."""
     import time
 
-    from tureen.demo.models import DigitsMLP
-
     time.sleep(seconds)
     return DigitsMLP(hidden=hidden)
 

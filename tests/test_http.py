@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -196,7 +197,14 @@ def test_a_body_over_the_message_limit_is_refused_before_it_is_read(soup: tuple[
     folder, _ = soup
     with running_app([spec_of(folder)], max_message_bytes=1024) as app:
         status, document = post(app.http_port, "/v2/models/digits/infer", b"{" + b" " * 4096 + b"}")
+        # No Content-Length to go by: a chunked body is counted as it arrives.
+        connection = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=30)
+        connection.request("POST", "/v2/models/digits/infer", body=iter([b"{", b" " * 4096, b"}"]), encode_chunked=True)
+        chunked = connection.getresponse()
+        chunked_status, chunked_document = chunked.status, json.loads(chunked.read())
+        connection.close()
     assert status == 413 and "over 1024 bytes" in document["error"]
+    assert chunked_status == 413 and "over 1024 bytes" in chunked_document["error"]
 
 
 def test_curl_calls_the_model_as_the_readme_shows(soup: tuple[Path, dict]) -> None:

@@ -90,6 +90,10 @@ class InvalidRequest(SoupError):
     reason = "invalid_argument"
 
 
+class RequestTooLarge(InvalidRequest):
+    """A request body over the message limit (``--max-message-mb``), refused while it is read."""
+
+
 class InferenceFailed(SoupError):
     """The blend's forward pass raised; the blend keeps serving other requests."""
 

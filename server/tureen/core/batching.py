@@ -201,10 +201,12 @@ class Batcher:
         return batch
 
     def _drop_expired(self) -> None:
+        """Jobs whose deadline passed never join a batch, even before their callers' timers fire."""
         now = time.perf_counter_ns()
-        for entry in [e for e in self._queue if e[0].deadline_ns is not None and now >= e[0].deadline_ns]:
-            self._queue.remove(entry)
-            entry[0].fail(DeadlineExceeded("the deadline passed while the request was queued"))
-            entry[1].set_result(None)
-        if not self._queue:
-            self._depth(0)
+        expired = [e for e in self._queue if e[0].deadline_ns is not None and now >= e[0].deadline_ns]
+        for job, done in expired:
+            self._queue.remove((job, done))
+            job.fail(DeadlineExceeded("the deadline passed while the request was queued"))
+            done.set_result(None)
+        if expired:
+            self._depth(len(self._queue))

@@ -139,10 +139,10 @@ class Engine:
     # ---- compute -----------------------------------------------------------------------------
 
     async def _compute(self, work: _Work, call: Call[T]) -> None:
+        if call.deadline_ns is not None and time.perf_counter_ns() >= call.deadline_ns:
+            raise DeadlineExceeded("the deadline passed before the request could run")
         batcher = self._batcher(work.blend)
         if batcher is None:
-            if call.deadline_ns is not None and time.perf_counter_ns() >= call.deadline_ns:
-                raise DeadlineExceeded("the deadline passed before the request could run")
             job = Job((), work.rows, work)
             await self._run([job])
             job.outcome()
@@ -173,12 +173,16 @@ class Engine:
         """One batch: on the loop when this blend's forwards are short, else on a worker thread."""
         blend = jobs[0].payload.blend
         if self._forward_ns.get(blend, INLINE_NS) < INLINE_NS:
-            self._execute(jobs)
+            took = self._execute(jobs)
         else:
-            await asyncio.get_running_loop().run_in_executor(self._threads, self._execute, jobs)
+            took = await asyncio.get_running_loop().run_in_executor(self._threads, self._execute, jobs)
+        if took is not None:  # the whole compute counts: on a GPU, the forward returns at once and collecting waits
+            previous = self._forward_ns.get(blend)
+            self._forward_ns[blend] = took if previous is None else 0.8 * previous + 0.2 * took
 
-    def _execute(self, jobs: list[Job]) -> None:
-        """One forward for ``jobs`` (all on one blend, inputs alike past the batch dimension)."""
+    def _execute(self, jobs: list[Job]) -> int | None:
+        """One forward for ``jobs`` (all on one blend, inputs alike past the batch dimension);
+        returns how long the compute took, None when it failed."""
         works: list[_Work] = [job.payload for job in jobs]
         blend = works[0].blend
         started = time.perf_counter_ns()
@@ -195,12 +199,9 @@ class Engine:
             failure = InferenceFailed(f"model {blend.model!r} version {blend.version}: inference failed: {exc}")
             for job in jobs:
                 job.fail(failure)
-            return
+            return None
         done = time.perf_counter_ns()
         compute = (forward_at - started, output_at - forward_at, done - output_at)
-        # The whole compute counts (on a GPU, the forward returns at once and collecting waits).
-        previous, took = self._forward_ns.get(blend), done - started
-        self._forward_ns[blend] = took if previous is None else 0.8 * previous + 0.2 * took
         rows = sum(work.rows for work in works)
         self.statistics.executed(blend.model, blend.version, rows, *compute)
         self._observer.batch_executed(blend.model, str(blend.version), rows)
@@ -208,6 +209,7 @@ class Engine:
             work.outputs, work.classes = outs, cls
             work.timings = Timings(started - work.received_ns, *compute)
             job.finish(work)
+        return done - started
 
     # ---- accounting ----------------------------------------------------------------------------
 
@@ -283,7 +285,9 @@ def _split(
     total = sum(work.rows for work in works)
     for name, tensor in outputs.items():
         if tensor.dim() == 0 or tensor.shape[0] != total:
-            raise ValueError(f"output {name!r} has shape {list(tensor.shape)}, not {total} rows for a batch of {total}")
+            raise ValueError(
+                f"output {name!r} has shape {list(tensor.shape)}: a batch of {total} rows needs {total} in its first dimension"
+            )
     parts, start = [], 0
     for work in works:
         end = start + work.rows

@@ -168,6 +168,7 @@ class PrometheusObserver:
         # Label lookups take a lock and build tuples; on the request path we reuse the children.
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], Any] = {}
+        self._depth_children: dict[tuple[str, str], Any] = {}
 
     def request_finished(
         self, model: str, version: str, reason: str | None, total_s: float, queue_s: float, compute_s: float
@@ -196,7 +197,10 @@ class PrometheusObserver:
         child.observe(size)
 
     def queue_depth(self, model: str, version: str, depth: int) -> None:
-        self.queue_depth_requests.labels(model, version).set(depth)
+        child = self._depth_children.get((model, version))
+        if child is None:
+            child = self._depth_children[(model, version)] = self.queue_depth_requests.labels(model, version)
+        child.set(depth)
 
     def blend_built(self, model: str, version: int, seconds: float) -> None:
         self.build_duration.labels(model, str(version)).observe(seconds)

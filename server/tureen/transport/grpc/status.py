@@ -24,6 +24,7 @@ STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.BlendNotReady: grpc.StatusCode.UNAVAILABLE,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,

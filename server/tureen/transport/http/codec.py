@@ -44,12 +44,7 @@ class Decoded:
 def decode_infer(body: bytes, header_length: str | None, model: str, version: str) -> Decoded:
     """The request in ``body`` for ``model`` (and ``version``, "" for the active one)."""
     header, binary = _parts(body, header_length)
-    try:
-        document = json.loads(header if isinstance(header, bytes) else bytes(header))
-    except ValueError as exc:
-        raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidRequest("request body: expected a JSON object")
+    document = json_object(header if isinstance(header, bytes) else bytes(header))
     inputs = _inputs(_list(document, "inputs"), binary)
     outputs = _list(document, "outputs", required=False)
     names = tuple(_text(o, "name", f"outputs[{i}]") for i, o in enumerate(outputs)) or None
@@ -93,6 +88,17 @@ def encode_infer(response: InferResponse, decoded: Decoded) -> Encoded:
     if not chunks:
         return Encoded(header, {}, "application/json")
     return Encoded(b"".join([header, *chunks]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidRequest("request body: expected a JSON object")
+    return document
 
 
 def _parts(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:

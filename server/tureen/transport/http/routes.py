@@ -8,7 +8,6 @@ routes are admin calls; everything else is inference.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -144,7 +143,9 @@ class Routes:
     async def load(self, request: Request) -> Response:
         document = await _json_body(request)
         parameters = document.get("parameters") or {}
-        config = parameters.get("config") if isinstance(parameters, dict) else None
+        if not isinstance(parameters, dict):
+            raise InvalidRequest("parameters: expected an object")
+        config = parameters.get("config")
         if config is not None and not isinstance(config, str):
             raise InvalidRequest("parameters.config: expected the spec as a JSON string")
         spec = spec_from_json(config, "parameters.config") if config is not None else None
@@ -165,13 +166,6 @@ def _who(request: Request) -> str:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The body of a route whose body is optional: an empty one is an empty object."""
     body = await request.body()
-    if not body.strip():
-        return {}
-    try:
-        document = json.loads(body)
-    except ValueError as exc:
-        raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidRequest("request body: expected a JSON object")
-    return document
+    return codec.json_object(body) if body.strip() else {}

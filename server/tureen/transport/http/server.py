@@ -13,13 +13,13 @@ import ssl
 from concurrent.futures import Future
 
 import uvicorn
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tureen.core.access import Access
 from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
+from tureen.errors import RequestTooLarge
 from tureen.transport.http.routes import Routes
 from tureen.transport.loop import ServingLoop
 from tureen.transport.tls import Tls
@@ -90,20 +90,28 @@ def create_http_server(
         sock.close()
         raise OSError(f"--http-port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(1024)
-    sock.set_inheritable(True)
     return HttpEndpoint(uvicorn.Server(config), sock, loop)
 
 
 def _limited(app: ASGIApp, limit: int) -> ASGIApp:
-    """Refuse bodies over ``limit`` bytes before reading them (the gRPC port's message limit)."""
+    """Refuse bodies over ``limit`` bytes (the gRPC port's message limit) while reading them: at
+    the first read when Content-Length says so, else as soon as a chunked body passes it."""
 
     async def limited(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for key, value in scope.get("headers", ()):
-                if key == b"content-length" and value.isdigit() and int(value) > limit:
-                    response = JSONResponse({"error": f"the request body is over {limit} bytes (--max-message-mb)"}, 413)
-                    await response(scope, receive, send)
-                    return
-        await app(scope, receive, send)
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        declared = next((int(v) for k, v in scope.get("headers", ()) if k == b"content-length" and v.isdigit()), 0)
+        read = 0
+
+        async def counted() -> Message:
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if max(read, declared) > limit:
+                raise RequestTooLarge(f"the request body is over {limit} bytes (--max-message-mb)")
+            return message
+
+        await app(scope, counted, send)
 
     return limited

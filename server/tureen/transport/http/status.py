@@ -21,6 +21,7 @@ STATUS_OF: dict[type[errors.SoupError], int] = {
     errors.ModelNotFound: 404,
     errors.BlendNotReady: 503,
     errors.InvalidRequest: 400,
+    errors.RequestTooLarge: 413,
     errors.InferenceFailed: 500,
     errors.DeadlineExceeded: 504,
     errors.Cancelled: 499,  # nginx's "client closed request"; the client is gone and never reads it
