@@ -76,7 +76,8 @@ def test_bad_specs_and_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
         "gone.safetensors",
         "file not found",
     )
-    save_file({"net.0.weight": torch.full((8, 64), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    poisoned = {**load_file(str(tmp_path / "ft-0.safetensors")), "net.0.weight": torch.full((8, 64), float("nan"))}
+    save_file(poisoned, str(tmp_path / "nan.safetensors"))
     nan = write_spec(tmp_path, digits_spec(["ft-0", "nan"]), "n.yaml")
     assert_one_line_error(
         tureen("merge", str(nan), "-o", str(tmp_path / "x.safetensors")), "nan.safetensors", "'net.0.weight'", "NaN"

@@ -56,29 +56,37 @@ def test_missing_and_corrupt_files_are_named(tmp_path: Path) -> None:
         pool().load(ref(tmp_path / "junk.safetensors"))
 
 
-def test_non_finite_values_name_the_tensor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["device", "disk"])
+def test_non_finite_values_name_the_ingredient_and_tensor(tmp_path: Path, placement: str) -> None:
+    # NaN and Inf are found by the merge on what it reads, not by a pass of their own at load.
     save_file({"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan"), float("inf")])}, str(tmp_path / "n.safetensors"))
-    with pytest.raises(IngredientCorrupt, match=r"n.safetensors\): tensor 'bad' holds 2 NaN/Inf value\(s\)"):
-        pool().load(ref(tmp_path / "n.safetensors"))
+    save_file({"ok": torch.ones(3), "bad": torch.ones(3)}, str(tmp_path / "fine.safetensors"))
+    spec = parse_spec({**digits_spec(["fine", "n"]), "placement": placement}, base_dir=tmp_path)
+    with pytest.raises(IngredientCorrupt, match=r"ingredient 'n' \(.*n.safetensors\): tensor 'bad' holds 2 NaN/Inf value\(s\)"):
+        Kitchen(pool(), NullObserver()).merge(spec)
 
 
-def test_checksums_are_checked_when_given(tmp_path: Path) -> None:
+def test_checksums_are_checked_when_given_and_only_then_computed(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     save_file({"w": torch.ones(3)}, str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert pool().load(ref(path)).digest is None  # nothing pins it: not hashed
     assert pool().load(ref(path, sha256=digest)).digest == digest
     with pytest.raises(IngredientCorrupt, match=f"sha256 is {digest}, the spec expects {'0' * 64}"):
         pool().load(ref(path, sha256="0" * 64))
 
 
-def test_identical_content_is_loaded_once_and_shared(tmp_path: Path) -> None:
-    save_file({"w": torch.ones(1000)}, str(tmp_path / "a.safetensors"))
-    (tmp_path / "copy.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+def test_unchanged_files_are_loaded_once_and_changed_ones_again(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(1000)}, str(path))
     shared = pool()
-    first = shared.load(ref(tmp_path / "a.safetensors", name="a"))
-    second = shared.load(ref(tmp_path / "copy.safetensors", name="b"))
-    assert first is second
+    first = shared.load(ref(path, name="a"))
+    assert shared.load(ref(path, name="b")) is first
     assert shared.nbytes == 4000
+    save_file({"w": torch.zeros(1000)}, str(path))
+    again = shared.load(ref(path, name="a"))
+    assert again is not first and torch.equal(again.tensors["w"], torch.zeros(1000))
+    assert shared.nbytes == 4000  # the stale copy is dropped
 
 
 def load_all(tmp_path: Path, names: list[str]) -> tuple[Kitchen, dict]:

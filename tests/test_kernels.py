@@ -123,12 +123,7 @@ def test_carved_tensors_are_aligned_and_do_not_overlap() -> None:
 def test_mix_writes_one_buffer_and_can_merge_into_a_retired_blend() -> None:
     tensors = rand(6, seed=5)
     pool = {
-        name: Ingredient(
-            digest=name,
-            path=name,
-            tensors={"big": tensors[i], "small": tensors[i + 3][:10].clone(), "steps": torch.tensor([7])},
-            nbytes=0,
-        )
+        name: Ingredient.held(name, {"big": tensors[i], "small": tensors[i + 3][:10].clone(), "steps": torch.tensor([7])})
         for i, name in enumerate(["a", "b", "c"])
     }
     document = {

@@ -206,7 +206,7 @@ def test_metrics_count_requests_by_model_version_and_reason(
     assert sample(after, "tureen_compute_duration_seconds_sum", **labels) > 0
     assert sample(after, "tureen_active_version", model="digits") == 1
     assert sample(after, "tureen_build_duration_seconds_count", **labels) == 1
-    assert sample(after, "tureen_ingredient_memory_bytes", device="cpu") == 3 * sum(
+    assert sample(after, "tureen_ingredient_memory_bytes", placement="device", device="cpu") == 3 * sum(
         t.numel() * 4 for t in DigitsMLP(hidden=8).state_dict().values()
     )
 

@@ -10,14 +10,15 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
 from tureen.core.access import Access, networks
 from tureen.core.blends import Blend, BlendRepository
 from tureen.core.controller import Controller
-from tureen.core.devices import resolve_device
+from tureen.core.devices import limit_cpu_threads, resolve_device
 from tureen.core.engine import Engine
-from tureen.core.ingredients import IngredientPool
+from tureen.core.ingredients import IngredientPool, Placement
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import SafeObserver
 from tureen.core.policy import SpecPolicy
@@ -46,7 +47,11 @@ class Settings:
     device: str = "auto"
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 8
+    cpu_threads: int | None = None
+    """Threads of torch's CPU operators; None: the cores less one for the serving loop, on a CPU device."""
     merge_kernels: Kernels = "auto"
+    ingredient_placement: Placement | Literal["auto"] = "auto"
+    """Where ingredients of specs that name no placement live between merges."""
     store: str | None = None
     """The spec store's directory; None keeps specs in a temporary directory, gone at exit."""
     keep_versions: int = 1
@@ -93,9 +98,10 @@ class App:
         self.access = _access(settings)
         self.policy = _policy(settings, self.specs, self.sources)
         self.device = resolve_device(settings.device)
+        _log.info("torch uses %d CPU thread(s)", limit_cpu_threads(settings.cpu_threads, self.device))
         self.metrics = PrometheusObserver()
         observer = SafeObserver(self.metrics)
-        self.pool = IngredientPool(self.device, observer)
+        self.pool = IngredientPool(self.device, observer, settings.ingredient_placement)
         self.kitchen = Kitchen(self.pool, observer, settings.merge_kernels)
         self.repository = BlendRepository(observer)
         self.engine = Engine(self.repository, observer, workers=settings.grpc_workers)

@@ -95,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="threads for blocking admin calls and for forwards too slow to run on the serving loop (default: 8)",
     )
+    serve.add_argument(
+        "--cpu-threads",
+        type=_positive,
+        metavar="N",
+        help="threads of torch's CPU operators (Triton's INTRA_OP_THREAD_COUNT; default on a CPU device: the cores "
+        "less one, left to the serving loop, unless OMP_NUM_THREADS is set)",
+    )
     _kernels_option(serve)
+    _placement_option(serve)
     serve.add_argument(
         "--store",
         metavar="DIR",
@@ -165,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
     merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
     _kernels_option(merge)
+    _placement_option(merge)
 
     profile = commands.add_parser("profile", help="how far apart a soup's ingredients lie, and what lies between them")
     profile.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON); sweep and calibration need its evaluation")
@@ -193,6 +202,17 @@ def _kernels_option(command: argparse.ArgumentParser) -> None:
         choices=["auto", "compiled", "eager"],
         help="compiled: fused torch.compile kernels (seconds to compile once per kind of merge, then at memory "
         "speed); eager: plain torch ops; auto: compiled for CPU merges reading 8 GiB or more (default: auto)",
+    )
+
+
+def _placement_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--ingredient-placement",
+        default="auto",
+        choices=["auto", "device", "host", "disk"],
+        help="where ingredients live between merges, for specs that name no placement: device memory, host memory "
+        "(copied to the device piece by piece), or disk (read tensor by tensor during a merge, never held whole); "
+        "auto: the device when the spec's ingredients fit in half its free memory, else host, else disk (default: auto)",
     )
 
 
@@ -265,6 +285,8 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         grpc_workers=args.grpc_workers,
+        cpu_threads=args.cpu_threads,
+        ingredient_placement=args.ingredient_placement,
         merge_kernels=args.merge_kernels,
         store=store,
         keep_versions=args.keep_versions,
@@ -303,8 +325,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
+    from tureen.core.checkpoints import write_safetensors
     from tureen.core.devices import resolve_device
     from tureen.core.ingredients import IngredientPool
     from tureen.core.kitchen import Kitchen
@@ -316,13 +337,14 @@ def _merge(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise SoupError(f"-o: folder {output.parent} does not exist")
     spec = load_spec(args.spec)
-    kitchen = Kitchen(IngredientPool(resolve_device(args.device), NullObserver()), NullObserver(), args.merge_kernels)
+    pool = IngredientPool(resolve_device(args.device), NullObserver(), args.ingredient_placement)
+    kitchen = Kitchen(pool, NullObserver(), args.merge_kernels)
     merged = kitchen.merge(spec)
     metadata = {"tureen.model": spec.model, "tureen.spec": spec.model_dump_json(by_alias=True)}
     try:
-        save_file({name: t.contiguous().cpu() for name, t in merged.items()}, str(output), metadata=metadata)
-    except Exception as exc:  # safetensors reports I/O failures with its own exception type
-        raise SoupError(f"-o: cannot write {output}: {exc}") from None
+        write_safetensors(output, merged, metadata)
+    except OSError as exc:
+        raise SoupError(f"-o: cannot write {output}: {exc.strerror or exc}") from None
     summary = {
         "output": args.output,
         "model": spec.model,

@@ -54,6 +54,12 @@ class IngredientCorrupt(IngredientError):
     reason = "ingredient_corrupt"
 
 
+class IngredientChanged(IngredientError):
+    """A checkpoint file changed on disk (size, mtime or inode) while it was in use."""
+
+    reason = "ingredient_changed"
+
+
 class IngredientMismatch(IngredientError):
     """Keys, shapes or dtypes disagree across ingredients or with the architecture."""
 

@@ -249,10 +249,10 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(status), flush=True)
         return
-    table = [["MODEL", "ACTIVE", "CANARY", "BUILDING", "RESIDENT", "MEMORY", "ONLINE ACCURACY"]]
+    table = [["MODEL", "ACTIVE", "CANARY", "BUILDING", "RESIDENT", "MEMORY", "INGREDIENTS", "ONLINE ACCURACY"]]
     for model in status["models"]:
         building = model.get("building")
-        progress = f"v{building['version']} {float(building['fraction']):.0%} {building['stage'][:50]}" if building else "-"
+        progress = f"v{building['version']} {float(building['fraction']):.0%} {building['stage'][:72]}" if building else "-"
         resident = ",".join(str(v) for v in model["resident_versions"]) or "-"
         memory = (int(model["active_bytes"]) + int(model["resident_bytes"])) / 1e6
         canary = int(model.get("canary_version") or 0)
@@ -262,12 +262,15 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
             f"v{v} {float(o['accuracy']):.4f} ({int(o['samples'])})" for v, o in sorted(online.items()) if int(o["samples"])
         )
         row = [model["model"], str(model["active_version"] or "-"), canary_cell, progress, resident, f"{memory:.1f} MB"]
+        row.append(model.get("placement") or "-")
         table.append([*row, online_cell or "-"])
     _print_table(table)
     for model in status["models"]:
         if model.get("canary_note"):
             print(f"{model['model']} canary: {model['canary_note']}")
-    print(f"device {status['device']}, ingredients {int(status['ingredient_bytes']) / 1e6:.1f} MB", flush=True)
+    placed = status.get("ingredient_bytes_by_placement") or {}
+    held = ", ".join(f"{p} {int(placed[p]) / 1e6:.1f} MB" for p in ("device", "host", "disk") if int(placed.get(p, 0)))
+    print(f"device {status['device']}, ingredients {held or '0.0 MB'}", flush=True)
 
 
 def show_spec(args: argparse.Namespace) -> int:

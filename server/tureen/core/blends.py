@@ -40,7 +40,9 @@ class Blend:
     copy_inputs: bool = False
     """Set when warm-up saw ``forward`` write into its inputs, which are views of request bytes."""
     checksums: Mapping[str, str] = field(default_factory=dict)
-    """sha256 of each ingredient it was merged from, by ingredient name."""
+    """sha256 of each ingredient it was merged from whose spec pins one, by ingredient name."""
+    placement: str = ""
+    """Where its ingredients live between merges (device, host or disk)."""
     weights: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """The merged tensors (views of one buffer) that ``module`` holds; a later build may reuse them."""
     resolution: Mapping[str, Any] | None = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 
 from tureen.errors import SoupError
@@ -23,3 +26,26 @@ def resolve_device(name: str = "auto") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SoupError(f"--device: {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
+
+
+def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str]) -> int | None:
+    """How many threads torch's CPU operators get (None: leave torch's own choice).
+
+    Asked for, it is that. Otherwise, when forwards run on the CPU and neither ``OMP_NUM_THREADS``
+    nor ``MKL_NUM_THREADS`` is set, one core is left to the serving loop: on a small machine a
+    forward that wants every core waits for the one receiving requests, which measured slower
+    under load (bench/peers.py) than one thread fewer.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cpu" or "OMP_NUM_THREADS" in environ or "MKL_NUM_THREADS" in environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def limit_cpu_threads(requested: int | None, device: torch.device) -> int:
+    """Apply ``cpu_threads`` to this process; returns the thread count torch now uses."""
+    threads = cpu_threads(requested, device, os.environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tureen.core.architecture import outputs_by_name
-from tureen.core.ingredients import safetensors_problem
+from tureen.core.checkpoints import safetensors_problem
 from tureen.core.signature import Signature
 from tureen.errors import EvaluationError, EvaluationMissing, OutOfMemory, SoupError
 from tureen.spec import METRICS, TASK_METRICS, EvalSet, Evaluation
@@ -106,7 +106,7 @@ class Evaluator:
     def functional_forward(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> Forward:
         """Run ``module`` with ``state`` in place of its own tensors (not copied into the module);
         floating tensors in another dtype (an ingredient's own) take the blend's."""
-        cast = {k: t.to(self.dtype) if t.is_floating_point() else t for k, t in state.items()}
+        cast = {k: t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for k, t in state.items()}
         return lambda inputs: torch.func.functional_call(module, cast, args=(), kwargs=dict(inputs))
 
     def _split_row(self, row: object, i: int, names: tuple[str, ...], where: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

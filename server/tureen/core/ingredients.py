@@ -1,252 +1,358 @@
-"""The ingredient pool: checkpoints loaded once into device memory and shared by content.
+"""The ingredient pool: checkpoints, each kept where its placement says, shared while unchanged.
 
-A file is read once: its bytes are hashed (for ``sha256`` checks and for sharing identical
-checkpoints between specs) and decoded from the same buffer. Decoding never executes code:
-safetensors, or ``torch.load(weights_only=True)`` for ``.pt``/``.bin``.
+An ingredient's placement says where its tensors live between merges:
+
+- ``device``: in the serving device's memory, read once (what merges read fastest);
+- ``host``: in host memory (pinned when the device is a GPU), copied to the device piece by
+  piece as a merge reads it; on a CPU server host and device are the same memory;
+- ``disk``: nowhere: a merge reads each tensor, or each range of one, from the file when it
+  needs it, so the checkpoint is never held whole.
+
+``auto`` picks by size: the device when every ingredient of the spec fits in half of its free
+memory, else host memory on the same terms, else disk. Loading reads each safetensors file's
+header and, for resident placements, its data straight into the ingredient's buffer with no
+decode step. The sha256 of the files is computed only when a spec pins one (then cached for
+those files while they are unchanged). NaN and Inf are checked by the merge, on the tensors it
+reads (``tureen.core.recipe``), not in a pass of their own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import safetensors.torch
 import torch
 
-from tureen.core.memory import carve
+from tureen.core.checkpoints import (
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    Stamp,
+    checkpoint_files,
+    load_pickle,
+    sha256_of,
+    stamp_of,
+)
+from tureen.core.memory import available_bytes
 from tureen.core.observer import Observer
-from tureen.errors import IngredientCorrupt, IngredientMissing
+from tureen.errors import IngredientChanged, IngredientCorrupt, IngredientMissing
 from tureen.spec import IngredientRef, SoupSpec
 
 _log = logging.getLogger("tureen.ingredients")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+Placement = Literal["device", "host", "disk"]
+PLACEMENTS: tuple[Placement, ...] = ("device", "host", "disk")
+READ_BLOCK = 64 << 20
+"""Bytes per read while loading: a GPU-bound load stages one block at a time in host memory."""
 
 
 @dataclass(frozen=True, eq=False)
 class Ingredient:
-    """One loaded checkpoint: its tensors on the pool's device, keyed by tensor name."""
+    """One checkpoint where its placement keeps it.
 
-    digest: str
+    ``layout`` gives every tensor's shape and dtype (meta tensors: no memory) whatever the
+    placement; ``tensors`` gives the tensors themselves: held ones (on the device, or in host
+    memory), or for ``disk`` each one freshly read from its file when asked for.
+    """
+
     path: str
+    placement: Placement
+    device: torch.device
+    """Where merges of this ingredient compute."""
+    layout: Mapping[str, torch.Tensor]
     tensors: Mapping[str, torch.Tensor]
     nbytes: int
+    files: tuple[SafetensorsFile, ...] = ()
+    digest: str | None = None
+
+    @classmethod
+    def held(cls, path: str, tensors: Mapping[str, torch.Tensor]) -> Ingredient:
+        """An ingredient of tensors already in memory, on their own device (placement ``device``)."""
+        device = next(iter(tensors.values())).device
+        return _ingredient(path, "device", device, tensors, tensors, (), None)
+
+    @property
+    def local(self) -> bool:
+        """Its tensors already lie where merges compute: a merge may read them in place."""
+        return self.placement == "device" or (self.placement == "host" and self.device.type == "cpu")
+
+    def window(self, key: str, begin: int, end: int, scratch: dict[torch.dtype, torch.Tensor] | None = None) -> torch.Tensor:
+        """Elements ``[begin, end)`` of tensor ``key``, flattened, on the merge's device. A ``disk``
+        ingredient reads them into ``scratch``'s buffer of their dtype when it is large enough
+        (and makes one there otherwise), so a streamed merge reuses its memory window after window."""
+        if self.placement != "disk" or key not in self._shard_of:
+            return self.tensors[key].reshape(-1)[begin:end].to(self.device, non_blocking=True)
+        dtype = self.layout[key].dtype
+        buffer = None if scratch is None else scratch.get(dtype)
+        if buffer is None or buffer.numel() < end - begin:
+            buffer = torch.empty(end - begin, dtype=dtype)
+            if scratch is not None:
+                scratch[dtype] = buffer
+        piece = buffer[: end - begin]
+        self._shard_of[key].read_into(key, piece, begin)
+        return piece.to(self.device)
+
+    def whole(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` on the merge's device."""
+        return self.tensors[key].to(self.device, non_blocking=True)
+
+    def verify(self) -> None:
+        """Raise ``IngredientChanged`` if a file read on demand changed since it was loaded."""
+        if self.placement != "disk":
+            return  # held tensors were copied at load: later changes to the file cannot reach them
+        for file in self.files:
+            if file.changed():
+                raise IngredientChanged(
+                    f"{file.where}: the file changed on disk (size, mtime or inode) since it was loaded; "
+                    "a build reads it again on the next push"
+                )
+
+    @property
+    def _shard_of(self) -> Mapping[str, SafetensorsFile]:
+        return self.tensors._shard_of if isinstance(self.tensors, _OnDisk) else {}
+
+
+class _OnDisk(Mapping[str, torch.Tensor]):
+    """The tensors of ``disk`` ingredients: each read from its shard when looked up."""
+
+    def __init__(self, shard_of: Mapping[str, SafetensorsFile]) -> None:
+        self._shard_of = shard_of
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._shard_of[key].read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shard_of)
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
 
 
 class IngredientPool:
-    """Loads checkpoints onto one device and keeps them, one copy per distinct content."""
+    """Loads checkpoints for merges on one device and keeps them, one copy per unchanged file set
+    and placement."""
 
-    def __init__(self, device: torch.device, observer: Observer) -> None:
+    def __init__(self, device: torch.device, observer: Observer, placement: Placement | Literal["auto"] = "auto") -> None:
+        """``placement``: the server's default (``--ingredient-placement``) for specs naming none."""
         self.device = device
+        self.placement = placement
         self._observer = observer
-        self._by_digest: dict[str, Ingredient] = {}
-        self._by_stamp: dict[tuple[tuple[str, int, int, int], ...], str] = {}
-        """Files' (path, size, mtime, inode) -> digest: a re-push of unchanged files skips the read."""
+        self._pooled: dict[tuple[tuple[Stamp, ...], Placement], Ingredient] = {}
+        self._digests: dict[tuple[Stamp, ...], str] = {}
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        return sum(ingredient.nbytes for ingredient in self._by_digest.values())
+        """Bytes of ingredient tensors held in memory (device and host placements)."""
+        return sum(b for placement, b in self.bytes_by_placement().items() if placement != "disk")
+
+    def bytes_by_placement(self) -> dict[str, int]:
+        with self._lock:
+            pooled = list(self._pooled.values())
+        return {p: sum(i.nbytes for i in pooled if i.placement == p) for p in PLACEMENTS}
+
+    def placement_for(self, spec: SoupSpec) -> Placement:
+        """Where ``spec``'s ingredients go: the spec's placement, the server's, or by size."""
+        chosen = spec.placement or self.placement
+        if chosen != "auto":
+            return chosen
+        total = 0
+        for ref in spec.ingredients:
+            try:
+                files, _ = checkpoint_files(Path(ref.path), f"ingredient {ref.name!r} ({ref.path})")
+                total += sum(stamp_of(f)[1] for f in files)
+            except (OSError, IngredientMissing, IngredientCorrupt):
+                pass  # loading names the problem
+        return choose_placement(total, self.device)
 
     def load_all(self, spec: SoupSpec, progress: Callable[[str, float], None] | None = None) -> dict[str, Ingredient]:
         """Load (or find pooled) every ingredient of ``spec``, by ingredient name; ``progress``
-        hears each one (loading is the first 60% of a build)."""
-        loaded = {}
+        hears each one with bytes and rates (loading is the first 60% of a build)."""
+        placement = self.placement_for(spec)
+        loaded: dict[str, Ingredient] = {}
+        started, done = time.perf_counter(), 0
         for i, ref in enumerate(spec.ingredients, start=1):
-            _log.info("model %s: ingredient %d/%d %r", spec.model, i, len(spec.ingredients), ref.name)
+            rate = done / max(time.perf_counter() - started, 1e-9) / 1e6
+            line = f"loading ingredient {i}/{len(spec.ingredients)} {ref.name!r} ({placement})"
+            if done:
+                line += f", {done / 1e6:,.0f} MB so far at {rate:,.0f} MB/s"
+            _log.info("model %s: %s", spec.model, line)
             if progress is not None:
-                progress(f"loading ingredient {i}/{len(spec.ingredients)} {ref.name!r}", 0.6 * (i - 1) / len(spec.ingredients))
-            loaded[ref.name] = self.load(ref)
+                progress(line, 0.6 * (i - 1) / len(spec.ingredients))
+            loaded[ref.name] = self.load(ref, placement)
+            done += loaded[ref.name].nbytes
         return loaded
 
-    def load(self, ref: IngredientRef) -> Ingredient:
-        """Return the ingredient ``ref`` names, loading it unless identical content is pooled."""
+    def load(self, ref: IngredientRef, placement: Placement = "device") -> Ingredient:
+        """The ingredient ``ref`` names at ``placement``, read unless its unchanged files are pooled."""
         where = f"ingredient {ref.name!r} ({ref.path})"
-        files = checkpoint_files(Path(ref.path), where)
-        stamp = _stamp(files)
+        files, weight_map = checkpoint_files(Path(ref.path), where)
+        try:
+            stamps = tuple(stamp_of(f) for f in files)
+        except FileNotFoundError:
+            missing = next(f for f in files if not f.exists())
+            raise IngredientMissing(f"{where}{'' if len(files) == 1 else f' shard {missing.name}'}: file not found") from None
+        except OSError as exc:
+            raise IngredientMissing(f"{where}: cannot read: {exc.strerror or exc}") from None
+        digest = self._check_digest(ref, files, stamps, where)
         with self._lock:
-            known = self._by_stamp.get(stamp) if stamp is not None else None
-            pooled = self._by_digest.get(known) if known is not None else None
-        if pooled is not None and (ref.sha256 is None or ref.sha256 == pooled.digest):
-            return pooled  # the same files, unchanged since they were read: no need to read and hash again
-        blobs = [_read(str(file), where if len(files) == 1 else f"{where} shard {file.name}") for file in files]
-        digests = [hashlib.sha256(blob).hexdigest() for blob in blobs]
-        # A single file's digest is its sha256; a sharded directory's is the sha256 of its shards' digests.
-        digest = digests[0] if len(files) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
-        if ref.sha256 is not None and ref.sha256 != digest:
-            raise IngredientCorrupt(f"{where}: sha256 is {digest}, the spec expects {ref.sha256}")
-        with self._lock:
-            pooled = self._by_digest.get(digest)
-            if pooled is not None and stamp is not None:
-                self._by_stamp[stamp] = digest
+            pooled = self._pooled.get((stamps, placement))
         if pooled is not None:
-            _log.info("%s: same content as %s, shared", where, pooled.path)
             return pooled
         started = time.perf_counter()
-        tensors: dict[str, torch.Tensor] = {}
-        for file, blob in zip(files, blobs, strict=True):
-            shard = _decode(blob, str(file), where if len(files) == 1 else f"{where} shard {file.name}")
-            clash = next((name for name in shard if name in tensors), None)
-            if clash is not None:
-                raise IngredientCorrupt(f"{where}: tensor {clash!r} appears in more than one shard")
-            tensors.update(shard)
-        _check_finite(tensors, where)
-        # One buffer per ingredient, tensors in name order: ingredients of one architecture are
-        # then laid out alike, and a merge can take runs of tensors as one (``memory.span``).
-        on_device = carve(((name, tensors[name].shape, tensors[name].dtype) for name in sorted(tensors)), self.device)
-        for name, tensor in on_device.items():
-            tensor.copy_(tensors.pop(name))  # each decoded tensor is freed once copied
-        ingredient = Ingredient(
-            digest=digest,
-            path=ref.path,
-            tensors=on_device,
-            nbytes=sum(t.numel() * t.element_size() for t in on_device.values()),
-        )
+        ingredient = self._read(files, weight_map, placement, where, ref.path, digest)
         with self._lock:
-            ingredient = self._by_digest.setdefault(digest, ingredient)
-            if stamp is not None:
-                self._by_stamp[stamp] = digest
-            total = self.nbytes
-        self._observer.ingredient_memory(str(self.device), total)
+            ingredient = self._pooled.setdefault((stamps, placement), ingredient)
+            self._forget_stale(Path(ref.path), stamps)
+        for p in PLACEMENTS:
+            self._observer.ingredient_memory(p, "disk" if p == "disk" else str(self._memory_of(p)), self.bytes_by_placement()[p])
+        seconds = time.perf_counter() - started
         _log.info(
-            "loaded %s: %d tensors, %.1f MB on %s in %.2f s",
+            "loaded %s: %d tensors, %.1f MB (%s) in %.2f s (%.0f MB/s)",
             where,
-            len(on_device),
+            len(ingredient.layout),
             ingredient.nbytes / 1e6,
-            self.device,
-            time.perf_counter() - started,
+            placement,
+            seconds,
+            ingredient.nbytes / 1e6 / max(seconds, 1e-9),
         )
         return ingredient
 
+    def _memory_of(self, placement: Placement) -> torch.device:
+        return self.device if placement == "device" else torch.device("cpu")
 
-def _stamp(files: list[Path]) -> tuple[tuple[str, int, int, int], ...] | None:
-    """What identifies the files' current content without reading them, or None if one is missing."""
-    try:
-        stats = [(str(f.resolve()), os.stat(f)) for f in files]
-    except OSError:
-        return None  # reading will report it, naming the file
-    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats)
+    def _check_digest(self, ref: IngredientRef, files: list[Path], stamps: tuple[Stamp, ...], where: str) -> str | None:
+        """The files' sha256 when the spec pins one (hashed once per unchanged file set)."""
+        with self._lock:
+            digest = self._digests.get(stamps)
+        if ref.sha256 is None:
+            return digest
+        if digest is None:
+            digest = sha256_of(files, where)
+            with self._lock:
+                self._digests[stamps] = digest
+        if digest != ref.sha256:
+            raise IngredientCorrupt(f"{where}: sha256 is {digest}, the spec expects {ref.sha256}")
+        return digest
 
+    def _forget_stale(self, path: Path, stamps: tuple[Stamp, ...]) -> None:
+        """Drop pooled copies of the same files from before they changed (called holding the lock)."""
+        names = {s[0] for s in stamps}
+        for key in [k for k in self._pooled if {s[0] for s in k[0]} == names and k[0] != stamps]:
+            del self._pooled[key]
 
-def checkpoint_files(path: Path, where: str) -> list[Path]:
-    """The files of a checkpoint: the file itself, or a Hugging Face model directory's weights.
+    def _read(
+        self,
+        files: list[Path],
+        weight_map: Mapping[str, str] | None,
+        placement: Placement,
+        where: str,
+        path: str,
+        digest: str | None,
+    ) -> Ingredient:
+        shard_where = (lambda f: where) if len(files) == 1 else (lambda f: f"{where} shard {f.name}")
+        if any(f.name.endswith(PICKLE_SUFFIXES) for f in files):
+            if placement == "disk":
+                _log.info("%s: pickled checkpoints cannot be read in pieces; held in host memory", where)
+                placement = "host"
+            tensors = _union(((f, load_pickle(f, shard_where(f))) for f in files), where)
+            held = _place({k: t.contiguous() for k, t in tensors.items()}, self._memory_of(placement), self._pinned(placement))
+            return _ingredient(path, placement, self.device, held, held, (), digest)
+        opened = [SafetensorsFile.open(f, shard_where(f)) for f in files]
+        shard_of = _shards(opened, weight_map, where)
+        if placement == "disk":
+            return _ingredient(path, placement, self.device, _OnDisk(shard_of), None, tuple(opened), digest)
+        held = {}
+        for file in opened:
+            held.update(_read_file(file, self._memory_of(placement), self._pinned(placement)))
+        ordered = {k: held[k] for k in shard_of}
+        return _ingredient(path, placement, self.device, ordered, ordered, tuple(opened), digest)
 
-    A directory holds ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
-    (read with ``weights_only``) ``pytorch_model.bin`` or its sharded index; safetensors win.
-    """
-    if not path.is_dir():
-        return [path]
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index = path / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise IngredientCorrupt(
-                    f"{where}: {index_name} is not a readable shard index (JSON with a 'weight_map')"
-                ) from None
-            if not all(isinstance(shard, str) and _inside(shard) for shard in shards):
-                # The index is data: it may not send the read to a file outside its directory.
-                raise IngredientCorrupt(f"{where}: {index_name} names a shard outside the directory")
-            return [path / shard for shard in shards]
-        if (path / single).is_file():
-            return [path / single]
-    raise IngredientMissing(
-        f"{where}: directory has no model.safetensors, model.safetensors.index.json, pytorch_model.bin or its index"
-    )
-
-
-def _inside(shard: str) -> bool:
-    relative = Path(shard)
-    return bool(shard) and not relative.is_absolute() and ".." not in relative.parts
-
-
-def _read(path: str, where: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise IngredientMissing(f"{where}: file not found") from None
-    except OSError as exc:
-        raise IngredientMissing(f"{where}: cannot read: {exc.strerror or exc}") from None
+    def _pinned(self, placement: Placement) -> bool:
+        return placement == "host" and self.device.type == "cuda"
 
 
-def _decode(data: bytes, path: str, where: str) -> dict[str, torch.Tensor]:
-    if path.endswith(_PICKLE_SUFFIXES):
-        try:
-            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise IngredientCorrupt(
-                f"{where}: not a weights-only torch checkpoint ({pickle_problem(exc)}); checkpoints load without "
-                "running code, so save a state dict of tensors (or safetensors)"
-            ) from None
-        return _as_state_dict(loaded, where)
-    try:
-        return safetensors.torch.load(data)
-    except Exception as exc:
-        raise IngredientCorrupt(f"{where}: not a readable safetensors file: {safetensors_problem(exc)}") from None
+def choose_placement(nbytes: int, device: torch.device) -> Placement:
+    """``auto``: the device when ``nbytes`` fit in half its free memory, else host memory, else disk."""
+    free = available_bytes(device)
+    if free is None or nbytes <= free // 2:
+        return "device"
+    if device.type != "cpu":
+        host = available_bytes(torch.device("cpu"))
+        if host is None or nbytes <= host // 2:
+            return "host"
+    return "disk"
 
 
-def _as_state_dict(loaded: object, where: str) -> dict[str, torch.Tensor]:
-    # Training scripts often save {"state_dict": ...} or {"model": ...}; accept one such level.
-    if isinstance(loaded, Mapping) and len(loaded) == 1:
-        (inner,) = loaded.values()
-        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-            loaded = inner
-    if not isinstance(loaded, Mapping) or not loaded:
-        raise IngredientCorrupt(f"{where}: expected a state dict of tensors, found {type(loaded).__name__}")
-    for name, value in loaded.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise IngredientCorrupt(f"{where}: entry {name!r} is a {type(value).__name__}, not a tensor")
-    return {name: value for name, value in loaded.items()}
+def _ingredient(
+    path: str,
+    placement: Placement,
+    device: torch.device,
+    tensors: Mapping[str, torch.Tensor],
+    held: Mapping[str, torch.Tensor] | None,
+    files: tuple[SafetensorsFile, ...],
+    digest: str | None,
+) -> Ingredient:
+    if held is not None:
+        layout = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in held.items()}
+    else:
+        entries = {k: e for file in files for k, e in file.entries.items()}
+        layout = {k: torch.empty(entries[k].shape, dtype=entries[k].dtype, device="meta") for k in tensors}
+    nbytes = sum(t.numel() * t.element_size() for t in layout.values())
+    return Ingredient(path, placement, device, layout, tensors, nbytes, files, digest)
 
 
-def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise IngredientCorrupt(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s)")
+def _union(shards: Iterator[tuple[Path, dict[str, torch.Tensor]]], where: str) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for _, shard in shards:
+        clash = next((name for name in shard if name in tensors), None)
+        if clash is not None:
+            raise IngredientCorrupt(f"{where}: tensor {clash!r} appears in more than one shard")
+        tensors.update(shard)
+    return tensors
 
 
-_SAFETENSORS_PROBLEMS = (
-    "header too large",
-    "header too small",
-    "invalid header length",
-    "invalid JSON in header",
-    "invalid UTF-8 in header",
-    "incomplete metadata",
-    "invalid offset for tensor",
-    "invalid shape, data type, or offset for tensor",
-)
-_POSITION = re.compile(r"at line \d+ column \d+")
+def _shards(opened: list[SafetensorsFile], weight_map: Mapping[str, str] | None, where: str) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the shard holding it, in the files' own order; checked against the index."""
+    shard_of: dict[str, SafetensorsFile] = {}
+    for file in opened:
+        for name in sorted(file.entries, key=lambda n: file.entries[n].start):
+            if name in shard_of:
+                raise IngredientCorrupt(f"{where}: tensor {name!r} appears in more than one shard")
+            shard_of[name] = file
+    for name, shard in (weight_map or {}).items():
+        if name not in shard_of or shard_of[name].path.name != shard:
+            raise IngredientCorrupt(f"{where}: the shard index puts tensor {name!r} in {shard}, which does not hold it")
+    return shard_of
 
 
-def safetensors_problem(exc: BaseException) -> str:
-    """What is wrong with a safetensors file, in the decoder's own fixed words only: its
-    messages go on to quote what they choked on, and an error must not carry a file's bytes
-    back to whoever named the file."""
-    text = str(exc)
-    problem = next((known for known in _SAFETENSORS_PROBLEMS if known in text), "its header cannot be read")
-    position = _POSITION.search(text)
-    return f"{problem} {position.group(0)}" if position and problem == "invalid JSON in header" else problem
+def _read_file(file: SafetensorsFile, memory: torch.device, pinned: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of ``file`` in one buffer on ``memory``: the file's data read straight in."""
+    size = max((e.stop for e in file.entries.values()), default=0)
+    if memory.type == "cpu":
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        file.read_data(buffer, 0)
+    else:
+        buffer = torch.empty(size, dtype=torch.uint8, device=memory)
+        stage = torch.empty(min(size, READ_BLOCK), dtype=torch.uint8)
+        for begin in range(0, size, READ_BLOCK):
+            piece = stage[: min(READ_BLOCK, size - begin)]
+            file.read_data(piece, begin)
+            buffer[begin : begin + piece.numel()].copy_(piece)
+    tensors = {}
+    for name, entry in file.entries.items():
+        raw = buffer[entry.start : entry.stop]
+        if entry.start % entry.dtype.itemsize:
+            raw = raw.clone()  # not aligned to its dtype in the file: its own copy
+        tensors[name] = raw.view(entry.dtype).view(entry.shape)
+    return tensors
 
 
-def pickle_problem(exc: BaseException) -> str:
-    """Why weights-only loading refused a file, without the names or bytes torch quotes."""
-    text = str(exc)
-    if "Unsupported global" in text:
-        return "it holds Python objects other than tensors"
-    if "Unsupported operand" in text or "load key" in text or "opcode" in text:
-        return "it is not a torch checkpoint"
-    return "weights-only loading refused it"
+def _place(tensors: Mapping[str, torch.Tensor], memory: torch.device, pinned: bool) -> dict[str, torch.Tensor]:
+    if memory.type == "cpu":
+        return {k: (t.pin_memory() if pinned else t) for k, t in tensors.items()}
+    return {k: t.to(memory) for k, t in tensors.items()}

@@ -105,7 +105,8 @@ class Kitchen:
             nbytes=sum(t.numel() * t.element_size() for t in merged.values()),
             build_seconds=time.perf_counter() - started,
             spec=spec,
-            checksums={name: ingredient.digest for name, ingredient in prepared.ingredients.items()},
+            checksums={name: i.digest for name, i in prepared.ingredients.items() if i.digest is not None},
+            placement=",".join(sorted({i.placement for i in prepared.ingredients.values()})),
             weights=merged,
             resolution=resolution,
         )
@@ -212,7 +213,7 @@ def _stage(progress: Progress | None, start: float, width: float) -> Callable[[s
 def _blend_bytes(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> int:
     """The size of the blend ``mix`` would allocate: the spec's dtype for floating tensors."""
     itemsize = BLEND_DTYPES[spec.dtype].itemsize
-    source = ingredients[spec.merge.base or spec.ingredients[0].name].tensors.values()
+    source = ingredients[spec.merge.base or spec.ingredients[0].name].layout.values()
     return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in source)
 
 

@@ -20,7 +20,15 @@ from typing import Any
 
 from tureen.core.blends import Blend
 from tureen.core.store import Pointer, SpecStore, State, StoredVersion
-from tureen.errors import EvaluationMissing, IngredientMissing, OutOfMemory, PermissionDenied, SoupError, StoreError
+from tureen.errors import (
+    EvaluationMissing,
+    IngredientChanged,
+    IngredientMissing,
+    OutOfMemory,
+    PermissionDenied,
+    SoupError,
+    StoreError,
+)
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     "stored": frozenset({"building"}),
@@ -34,7 +42,7 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
 
 SETTLED: frozenset[State] = frozenset({"ready", "rejected"})
 
-LOCAL_FAILURES = (OutOfMemory, IngredientMissing, EvaluationMissing, StoreError, PermissionDenied)
+LOCAL_FAILURES = (OutOfMemory, IngredientMissing, IngredientChanged, EvaluationMissing, StoreError, PermissionDenied)
 """Build failures that say something about this replica (its memory, its files, its flags), not about the spec."""
 
 

@@ -31,8 +31,9 @@ class Observer(Protocol):
     def blend_activated(self, model: str, version: int, nbytes: int) -> None:
         """A blend became the one that serves ``model``."""
 
-    def ingredient_memory(self, device: str, nbytes: int) -> None:
-        """The ingredient pool now holds ``nbytes`` on ``device``."""
+    def ingredient_memory(self, placement: str, device: str, nbytes: int) -> None:
+        """The pool's ingredients at ``placement`` now hold ``nbytes`` on ``device`` (``disk``: the
+        bytes of the files merges read from)."""
 
     def build_failed(self, model: str, reason: str) -> None:
         """A build ended in an error of the given reason; what was serving keeps serving."""

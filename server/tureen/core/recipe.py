@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient
 from tureen.core.memory import carve, span
 from tureen.core.parameters import ParameterPlan
-from tureen.errors import IngredientMismatch, MergeError
+from tureen.errors import IngredientCorrupt, IngredientMismatch, MergeError
 from tureen.merge.kernels import Kernels
 from tureen.merge.registry import Method, TensorJob, lookup
 from tureen.spec import SoupSpec
@@ -40,9 +41,9 @@ def check_compatible(
     """
     first = spec.ingredients[0]
     against = "the architecture" if reference is not None else f"ingredient {first.name!r}"
-    expected = reference if reference is not None else ingredients[first.name].tensors
+    expected = reference if reference is not None else ingredients[first.name].layout
     for ref in spec.ingredients:
-        tensors = ingredients[ref.name].tensors
+        tensors = ingredients[ref.name].layout
         where = f"ingredient {ref.name!r} ({ref.path})"
         missing = sorted(key for key in expected if key not in tensors)
         if missing:
@@ -85,17 +86,21 @@ def mix(
     started = time.perf_counter()
     method = lookup(spec.merge.method)
     source = spec.merge.base or spec.ingredients[0].name
-    reference = ingredients[source].tensors
+    reference = ingredients[source].layout
     plan = ParameterPlan(spec, list(reference))
-    merged = _blend_buffer(reference, BLEND_DTYPES[spec.dtype], into)
+    merged = _blend_buffer(reference, BLEND_DTYPES[spec.dtype], into, ingredients[source].device)
+    used = [ingredients[ref.name] for ref in spec.ingredients]
+    for ingredient in used:
+        ingredient.verify()
     pass_ = _Pass(
         method=method,
         plan=plan,
         names=[i.name for i in plan.mixed],
         ingredients=ingredients,
-        base=ingredients[spec.merge.base].tensors if spec.merge.base else None,
+        base=ingredients[spec.merge.base] if spec.merge.base else None,
         merged=merged,
         compiled=_use_compiled(kernels, spec, ingredients),
+        local=all(ingredient.local for ingredient in used),
     )
     done = 0
     for group in _groups(reference, plan, method.elementwise):
@@ -103,30 +108,35 @@ def mix(
             pass_.merge(group)
         else:
             _check_agree(spec, ingredients, group[0], source)
-            merged[group[0]].copy_(reference[group[0]])
+            merged[group[0]].copy_(ingredients[source].whole(group[0]))
         if (done + len(group)) // 100 > done // 100:
             _log.info("merging: %d/%d tensors", done + len(group), len(reference))
         done += len(group)
+    for ingredient in used:
+        ingredient.verify()  # a file that changed while it was read gives a blend of two versions: refused
     parameters = sum(t.numel() for t in merged.values())
     _log.log(
         logging.DEBUG if quiet else logging.INFO,  # a search merges many candidates; it logs its own steps
-        "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s (%s kernels)",
+        "merged %d tensors (%.2fM parameters) from %d ingredients with %s in %.3f s (%s kernels, %s)",
         len(merged),
         parameters / 1e6,
         len(spec.ingredients),
         method.decl.name,
         time.perf_counter() - started,
         "compiled" if pass_.compiled else "eager",
+        "in place" if pass_.local else "streamed",
     )
     return merged
 
 
 def _blend_buffer(
-    reference: Mapping[str, torch.Tensor], out_dtype: torch.dtype, into: Mapping[str, torch.Tensor] | None
+    reference: Mapping[str, torch.Tensor],
+    out_dtype: torch.dtype,
+    into: Mapping[str, torch.Tensor] | None,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """The blend's tensors: ``into`` when its layout and device match the blend's, else fresh."""
+    """The blend's tensors on ``device``: ``into`` when its layout and device match, else fresh."""
     layout = [(key, t.shape, out_dtype if t.is_floating_point() else t.dtype) for key, t in reference.items()]
-    device = next(iter(reference.values())).device
     if into is None:
         return carve(layout, device)
     if [(k, t.shape, t.dtype) for k, t in into.items()] != layout:
@@ -134,6 +144,13 @@ def _blend_buffer(
     if any(t.device != device for t in into.values()):
         raise ValueError("mix: the buffer to merge into is on another device")
     return dict(into)
+
+
+WINDOW = 1 << 18
+"""Elements per piece when an elementwise merge streams a tensor from host memory or disk on a
+CPU (1 MiB of float32, like the eager kernels' own chunks): the merge then holds one piece per
+ingredient, never the checkpoints. GPU pieces are 64 times larger, for the same reason as the
+kernels' chunks: a launch per small piece would dominate."""
 
 
 @dataclass(frozen=True)
@@ -144,34 +161,93 @@ class _Pass:
     plan: ParameterPlan
     names: list[str]
     ingredients: Mapping[str, Ingredient]
-    base: Mapping[str, torch.Tensor] | None
+    base: Ingredient | None
     merged: dict[str, torch.Tensor]
     compiled: bool
+    local: bool
+    """Every ingredient lies on the merge's device: tensors are read in place, runs of them as one."""
+    scratch: list[dict[torch.dtype, torch.Tensor]] = field(default_factory=list)
+    """Per mixed ingredient, then the base: the buffers disk reads of a window reuse."""
+
+    def __post_init__(self) -> None:
+        self.scratch.extend({} for _ in range(len(self.names) + 1))
 
     def merge(self, group: list[str]) -> None:
+        if not self.local:
+            for key in group:
+                self._stream(key)
+            return
         glob, per = self.plan.for_tensor(group[0])
         columns = [[self.ingredients[name].tensors[k] for k in group] for name in self.names]
         if self.base is not None:
-            columns.append([self.base[k] for k in group])
+            columns.append([self.base.tensors[k] for k in group])
         columns.append([self.merged[k] for k in group])
         count = len(self.names)
         for label, row in _rows(group, columns):
-            job = TensorJob(
-                name=label,
-                tensors=row[:count],
-                ingredients=self.names,
-                base=row[count] if self.base is not None else None,
-                glob=glob,
-                per=per,
-                out=row[-1],
-                compiled=self.compiled,
-            )
-            try:
-                result = self.method.combine(job)
-            except ValueError as exc:
-                raise MergeError(f"merge ({self.method.decl.name}): tensor {label!r}: {exc}") from None
-            if result is not row[-1]:
-                row[-1].copy_(result)
+            self._run(label, row[:count], row[count] if self.base is not None else None, row[-1], glob, per)
+        for key in group:
+            if not _finite(self.merged[key]):
+                self._blame(key, self.merged[key], {name: self.ingredients[name].tensors[key] for name in self._sources})
+
+    def _stream(self, key: str) -> None:
+        """One tensor read piece by piece (elementwise methods) or whole, onto the merge's device."""
+        glob, per = self.plan.for_tensor(key)
+        out = self.merged[key]
+        if not self.method.elementwise:
+            tensors = [self.ingredients[name].whole(key) for name in self.names]
+            base = self.base.whole(key) if self.base is not None else None
+            self._run(key, tensors, base, out, glob, per)
+            if not _finite(out):
+                self._blame(key, out, dict(zip(self._sources, [*tensors, base], strict=False)))
+            return
+        flat = out.view(-1)
+        window = WINDOW if out.device.type == "cpu" else WINDOW << 6
+        for begin in range(0, flat.numel(), window):
+            end = min(begin + window, flat.numel())
+            pieces = [self.ingredients[name].window(key, begin, end, self.scratch[i]) for i, name in enumerate(self.names)]
+            base = self.base.window(key, begin, end, self.scratch[-1]) if self.base is not None else None
+            self._run(key, pieces, base, flat[begin:end], glob, per)
+            if not _finite(flat[begin:end]):
+                self._blame(key, flat[begin:end], dict(zip(self._sources, [*pieces, base], strict=False)))
+
+    def _run(
+        self,
+        label: str,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        out: torch.Tensor,
+        glob: dict[str, Any],
+        per: dict[str, list[Any]],
+    ) -> None:
+        job = TensorJob(
+            name=label, tensors=tensors, ingredients=self.names, base=base, glob=glob, per=per, out=out, compiled=self.compiled
+        )
+        try:
+            result = self.method.combine(job)
+        except ValueError as exc:
+            raise MergeError(f"merge ({self.method.decl.name}): tensor {label!r}: {exc}") from None
+        if result is not out:
+            out.copy_(result)
+
+    @property
+    def _sources(self) -> list[str]:
+        """The mixed ingredients' names, then the base's."""
+        base = self.plan.spec.merge.base
+        return [*self.names, *([base] if base is not None else [])]
+
+    def _blame(self, key: str, out: torch.Tensor, inputs: Mapping[str, torch.Tensor | None]) -> None:
+        """NaN or Inf in the merged values: name the ingredient that holds them, else the overflow."""
+        for name, tensor in inputs.items():
+            if tensor is not None and tensor.is_floating_point() and not _finite(tensor):
+                bad = int((~torch.isfinite(tensor)).sum())
+                where = f"ingredient {name!r} ({self.ingredients[name].path})"
+                raise IngredientCorrupt(f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s)")
+        raise MergeError(f"merge ({self.method.decl.name}): tensor {key!r}: the merged values overflow {out.dtype}")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + WINDOW]).all()) for i in range(0, flat.numel(), WINDOW))
 
 
 def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementwise: bool) -> list[list[str]]:
@@ -202,8 +278,7 @@ def _rows(group: list[str], columns: list[list[torch.Tensor]]) -> list[tuple[str
 def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> bool:
     if kernels != "auto":
         return kernels == "compiled"
-    first = next(iter(ingredients[spec.ingredients[0].name].tensors.values()), None)
-    if first is None or first.device.type != "cpu":
+    if ingredients[spec.ingredients[0].name].device.type != "cpu":
         return False  # on GPUs the compiled kernels are opt-in: not yet measured against eager there
     return sum(ingredients[ref.name].nbytes for ref in spec.ingredients) >= AUTO_COMPILE_BYTES
 
@@ -211,7 +286,7 @@ def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, In
 def _check_agree(spec: SoupSpec, ingredients: Mapping[str, Ingredient], key: str, source: str) -> None:
     reference = ingredients[source].tensors[key]
     for ref in spec.ingredients:
-        if not torch.equal(ingredients[ref.name].tensors[key], reference):
+        if not torch.equal(ingredients[ref.name].tensors[key].to(reference.device), reference):
             raise IngredientMismatch(
                 f"ingredient {ref.name!r} ({ref.path}): tensor {key!r} ({reference.dtype}) differs from "
                 f"ingredient {source!r}; integer and bool tensors are never averaged and must agree"

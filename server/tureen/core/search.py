@@ -163,11 +163,11 @@ def learned_search(
     per_layer = params.get("granularity", "model") == "layer"
     steps, lr = int(params.get("steps", 60)), float(params.get("lr", 0.1))  # type: ignore[arg-type]
     names = [ref.name for ref in spec.mixed]
-    keys = [k for k, t in ingredients[names[0]].tensors.items() if t.is_floating_point()]
+    keys = [k for k, t in ingredients[names[0]].layout.items() if t.is_floating_point()]
     layers = sorted({k.rpartition(".")[0] for k in keys}) if per_layer else [""]
     layer_of = {k: layers.index(k.rpartition(".")[0]) if per_layer else 0 for k in keys}
     stacked = {k: torch.stack([ingredients[n].tensors[k].to(ev.device, ev.dtype) for n in names]) for k in keys}
-    fixed = {k: t.to(ev.device) for k, t in ingredients[names[0]].tensors.items() if not t.is_floating_point()}
+    fixed = {k: ingredients[names[0]].whole(k) for k, t in ingredients[names[0]].layout.items() if not t.is_floating_point()}
     logits = torch.zeros(len(layers), len(names), device=ev.device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
 

@@ -26,6 +26,8 @@ class ModelStatus:
     online: Mapping[int, tuple[float, int]] = field(default_factory=dict)
     """Rolling online accuracy and labelled samples of the active version and the canary."""
     canary_note: str = ""
+    placement: str = ""
+    """Where the active version's ingredients live between merges."""
 
 
 def model_status(
@@ -46,6 +48,7 @@ def model_status(
         canary_percent=route.percent if route else 0.0,
         online={v: rollout.online.rolling(model, v) for v in serving},
         canary_note=rollout.note(model),
+        placement=blend.placement if blend else "",
     )
 
 

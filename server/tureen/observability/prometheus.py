@@ -97,8 +97,8 @@ class PrometheusObserver:
         )
         self.ingredient_memory_bytes = Gauge(
             "tureen_ingredient_memory_bytes",
-            "Bytes of ingredient tensors loaded, per device.",
-            ("device",),
+            "Bytes of ingredient tensors held, per placement and device (placement disk: the checkpoint bytes merges read).",
+            ("placement", "device"),
             registry=self.registry,
         )
         self.builds = Counter("tureen_builds", "Blend builds that succeeded.", ("model",), registry=self.registry)
@@ -220,8 +220,8 @@ class PrometheusObserver:
         self.active_version.labels(model).set(version)
         self.blend_memory.labels(model).set(nbytes)
 
-    def ingredient_memory(self, device: str, nbytes: int) -> None:
-        self.ingredient_memory_bytes.labels(device).set(nbytes)
+    def ingredient_memory(self, placement: str, device: str, nbytes: int) -> None:
+        self.ingredient_memory_bytes.labels(placement, device).set(nbytes)
 
     def blend_evaluated(
         self,

@@ -337,6 +337,8 @@ class SoupSpec(_Frozen):
 
     interface: Interface | None = None
     ingredients: tuple[IngredientRef, ...] = Field(min_length=1, max_length=MAX_INGREDIENTS)
+    placement: Literal["device", "host", "disk"] | None = None
+    """Where the ingredients live between merges; None: the server's ``--ingredient-placement``."""
     merge: MergeSpec = Field(default_factory=MergeSpec)
     dtype: Dtype = "float32"
     evaluation: Evaluation | None = None

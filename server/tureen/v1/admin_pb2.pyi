@@ -193,7 +193,7 @@ class BuildProgress(_message.Message):
     def __init__(self, version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("model", "active_version", "building", "resident_versions", "active_bytes", "resident_bytes", "canary_version", "canary_percent", "online", "canary_note")
+    __slots__ = ("model", "active_version", "building", "resident_versions", "active_bytes", "resident_bytes", "canary_version", "canary_percent", "online", "canary_note", "placement")
     class OnlineEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class ModelStatus(_message.Message):
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
     CANARY_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     active_version: int
     building: BuildProgress
@@ -221,7 +222,8 @@ class ModelStatus(_message.Message):
     canary_percent: float
     online: _containers.MessageMap[int, Online]
     canary_note: str
-    def __init__(self, model: _Optional[str] = ..., active_version: _Optional[int] = ..., building: _Optional[_Union[BuildProgress, _Mapping]] = ..., resident_versions: _Optional[_Iterable[int]] = ..., active_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., online: _Optional[_Mapping[int, Online]] = ..., canary_note: _Optional[str] = ...) -> None: ...
+    placement: str
+    def __init__(self, model: _Optional[str] = ..., active_version: _Optional[int] = ..., building: _Optional[_Union[BuildProgress, _Mapping]] = ..., resident_versions: _Optional[_Iterable[int]] = ..., active_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., canary_version: _Optional[int] = ..., canary_percent: _Optional[float] = ..., online: _Optional[_Mapping[int, Online]] = ..., canary_note: _Optional[str] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class Online(_message.Message):
     __slots__ = ("accuracy", "samples")
@@ -232,11 +234,20 @@ class Online(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class GetStatusReply(_message.Message):
-    __slots__ = ("models", "device", "ingredient_bytes")
+    __slots__ = ("models", "device", "ingredient_bytes", "ingredient_bytes_by_placement")
+    class IngredientBytesByPlacementEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     INGREDIENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INGREDIENT_BYTES_BY_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     device: str
     ingredient_bytes: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., device: _Optional[str] = ..., ingredient_bytes: _Optional[int] = ...) -> None: ...
+    ingredient_bytes_by_placement: _containers.ScalarMap[str, int]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., device: _Optional[str] = ..., ingredient_bytes: _Optional[int] = ..., ingredient_bytes_by_placement: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -110,7 +110,10 @@ class AdminServicer(admin_pb2_grpc.SoupAdminServicer):
         if model and not statuses:
             self._controller.spec(model)  # raises the not-found error naming the model
         return pb.GetStatusReply(
-            models=[_encode_status(s) for s in statuses], device=str(self._pool.device), ingredient_bytes=self._pool.nbytes
+            models=[_encode_status(s) for s in statuses],
+            device=str(self._pool.device),
+            ingredient_bytes=self._pool.nbytes,
+            ingredient_bytes_by_placement=self._pool.bytes_by_placement(),
         )
 
 
@@ -125,6 +128,7 @@ def _encode_status(status: ModelStatus) -> pb.ModelStatus:
         canary_percent=status.canary_percent,
         online={v: pb.Online(accuracy=acc, samples=n) for v, (acc, n) in status.online.items()},
         canary_note=status.canary_note,
+        placement=status.placement,
     )
     if status.building is not None:
         b = status.building

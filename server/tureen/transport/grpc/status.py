@@ -15,6 +15,7 @@ _log = logging.getLogger("tureen.transport")
 
 STATUS_OF: dict[type[errors.SoupError], grpc.StatusCode] = {
     errors.SpecInvalid: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.IngredientChanged: grpc.StatusCode.ABORTED,
     errors.IngredientMissing: grpc.StatusCode.NOT_FOUND,
     errors.IngredientError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ArchitectureError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -12,6 +12,7 @@ _log = logging.getLogger("tureen.transport")
 
 STATUS_OF: dict[type[errors.SoupError], int] = {
     errors.SpecInvalid: 400,
+    errors.IngredientChanged: 409,
     errors.IngredientMissing: 404,
     errors.IngredientError: 400,
     errors.ArchitectureError: 400,
