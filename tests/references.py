@@ -44,6 +44,18 @@ def ref_ties(base, tensors, weights, densities, lam=1.0, normalize=True, majorit
     return b + lam * out
 
 
+def ref_ties_vectorized(base, tensors, weights, densities, lam=1.0, normalize=True):  # type: ignore[no-untyped-def]
+    """``ref_ties`` (``total`` sign election) over whole tensors at once, for tensors too big to loop over."""
+    b = base.double().reshape(-1)
+    w = torch.tensor(weights, dtype=torch.float64).view(-1, 1)
+    trimmed = torch.stack([ref_topk(t.double().reshape(-1) - b, d) for t, d in zip(tensors, densities, strict=True)]) * w
+    sign = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = (trimmed != 0) & (trimmed.sign() == sign)
+    total = (trimmed * agree).sum(0)
+    divisor = (w * agree).sum(0) if normalize else torch.ones_like(total)
+    return (b + lam * total / divisor.masked_fill(divisor == 0, 1.0)).reshape(base.shape)
+
+
 def ref_slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
     cos = float((a.reshape(-1) @ b.reshape(-1)) / (a.norm() * b.norm()))
@@ -101,3 +113,43 @@ def expected_calibration_error(confidence: list[float], correct: list[bool], bin
             accuracy = sum(correct[i] for i in members) / len(members)
             total += len(members) / len(confidence) * abs(mean_confidence - accuracy)
     return total
+
+
+def ref_nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """SLERP of every vector pair: the whole tensors, their rows, or (row_wise) their columns."""
+    a, b = a.double(), b.double()
+    if flatten or a.dim() == 1:
+        return ref_slerp_exact(t, a.reshape(-1), b.reshape(-1)).reshape(a.shape)
+    if row_wise:
+        return torch.stack([ref_slerp_exact(t, a[:, j], b[:, j]) for j in range(a.shape[1])], dim=1)
+    return torch.stack([ref_slerp_exact(t, a[i], b[i]) for i in range(a.shape[0])])
+
+
+def ref_slerp_exact(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    cos = float((a @ b) / (a.norm() * b.norm()))
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    if abs(math.sin(theta)) < 1e-8:
+        return (1 - t) * a + t * b
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor], select_topk: float) -> torch.Tensor:
+    b = base.double().reshape(-1)
+    deltas = [t.double().reshape(-1) - b for t in tensors]
+    n = b.numel()
+    if select_topk < 1:
+        mean = [sum(d[i] for d in deltas) / len(deltas) for i in range(n)]
+        variance = torch.tensor([float(sum((d[i] - mean[i]) ** 2 for d in deltas)) / len(deltas) for i in range(n)])
+        k = int(select_topk * int((variance != 0).sum()))
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.argsort(variance, descending=True)[:k]] = True
+        deltas = [d * keep for d in deltas]
+    energy = [float((d * d).sum()) / n for d in deltas]
+    weights = [e / sum(energy) for e in energy] if sum(energy) > 0 else [1 / len(energy)] * len(energy)
+    out = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        sign = 1.0 if sum(float(d[i]) for d in deltas) >= 0 else -1.0
+        agree = [(w, float(d[i])) for w, d in zip(weights, deltas, strict=True) if d[i] != 0 and math.copysign(1, d[i]) == sign]
+        divisor = sum(w for w, _ in agree)
+        out[i] = sum(w * v for w, v in agree) / (divisor if divisor != 0 else 1.0)
+    return (b + out).reshape(base.shape)

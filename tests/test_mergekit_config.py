@@ -72,9 +72,9 @@ def test_global_filters_apply_where_models_set_nothing() -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"merge_method": "sce"}, "merge_method: 'sce' has no Tureen equivalent"),
+        ({"merge_method": "arcee_fusion"}, "merge_method: 'arcee_fusion' has no Tureen equivalent"),
         ({"slices": []}, "slices/modules: only the 'models' form converts"),
-        ({"base_model": "org/model+lora"}, "LoRA ('+') and revision ('@') references do not convert"),
+        ({"base_model": "org/model@v2"}, "revision ('@') references do not convert"),
         ({"parameters": {"bogus": 1}}, "parameters.bogus: method 'ties' has no such parameter"),
         ({"dtype": "float64"}, "dtype: 'float64' cannot be served"),
     ],
@@ -82,6 +82,23 @@ def test_global_filters_apply_where_models_set_nothing() -> None:
 def test_what_cannot_convert_is_said(change: dict, expected: str) -> None:
     with pytest.raises(SpecInvalid, match=expected.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         from_mergekit({**yaml.safe_load(CONFIG), **change}, "m")
+
+
+def test_lora_references_become_adapter_ingredients() -> None:
+    # mergekit's model+lora: the adapter on the model. A model named only that way is no input
+    # of the merge (weight 0) unless it is the base_model.
+    models = [{"model": "llama+loras/chat"}, {"model": "llama+loras/code", "parameters": {"weight": 2}}]
+    spec, _ = from_mergekit({"merge_method": "task_arithmetic", "base_model": "llama", "models": models}, "m")
+    assert [(i.name, i.path, i.adapter, i.base) for i in spec.ingredients] == [
+        ("llama", "llama", None, None),
+        ("chat", None, "loras/chat", "llama"),
+        ("code", None, "loras/code", "llama"),
+    ]
+    assert spec.merge.base == "llama" and dict(spec.ingredients[2].parameters) == {"weight": 2}
+    spec, notes = from_mergekit({"merge_method": "linear", "models": models}, "m")
+    assert dict(spec.ingredients[0].parameters) == {"weight": 0.0} and any("weight 0" in n for n in notes)
+    with pytest.raises(SpecInvalid, match="'llama' is only the base of LoRA references; 'slerp' has no weights"):
+        from_mergekit({"merge_method": "slerp", "models": models, "parameters": {"t": 0.5}}, "m")
 
 
 def test_linear_takes_its_base_model_as_an_ingredient() -> None:

@@ -11,7 +11,18 @@ from typing import Any
 
 import pytest
 import torch
-from references import ref_band, ref_model_stock, ref_multislerp, ref_nearswap, ref_slerp, ref_ties
+from references import (
+    ref_band,
+    ref_model_stock,
+    ref_multislerp,
+    ref_nearswap,
+    ref_nuslerp,
+    ref_sce,
+    ref_slerp,
+    ref_ties,
+    ref_ties_vectorized,
+    ref_topk,
+)
 
 from helpers import combine
 from tureen.merge.methods import DECLARATIONS
@@ -130,15 +141,55 @@ def test_random_masks_are_reproducible_per_seed_tensor_and_ingredient() -> None:
     assert not torch.equal(first_mask, second_mask)
 
 
-def test_large_tensors_rank_on_a_sample_and_stay_close_to_the_exact_density() -> None:
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_million_entry_tensors_are_ranked_exactly_by_default(method: str) -> None:
+    # mergekit keeps exactly the top k = int(density * n) magnitudes (torch.topk); so does the
+    # reference (a full argsort), and so must the default exact selection.
+    base, tensor = rand(2, seed=9, shape=(1000, 1000))
+    if method == "ties":
+        kept = run("ties", [tensor], base, density=0.1) - base
+        expected = ref_topk(tensor.double() - base.double(), 0.1)
+    else:
+        kept = run("breadcrumbs", [tensor], base, density=0.2, gamma=0.05, **{"lambda": 1.0}) - base
+        expected = ref_band(tensor.double() - base.double(), 0.2, 0.05)
+    assert torch.equal(kept != 0, expected != 0)
+
+
+def test_a_million_entry_ties_soup_equals_the_reference() -> None:
+    base, *tensors = rand(4, seed=21, shape=(1000, 1000))
+    weights, densities = [1.0, 0.5, 2.0], [0.3, 0.5, 0.2]
+    out = run("ties", tensors, base, weight=weights, density=densities)
+    close(out, ref_ties_vectorized(base, tensors, weights, densities))
+
+
+def test_rank_sample_estimates_thresholds_from_a_sample_and_stays_close_to_the_density() -> None:
     base, tensor = rand(2, seed=9, shape=(3_000_000,))
-    out = run("ties", [tensor], base, density=0.1)
+    out = run("ties", [tensor], base, density=0.1, rank_sample=32768)
     # The threshold is a quantile of 32768 sampled entries: its rank is off by about
-    # sqrt(0.1 * 0.9 / 32768) = 0.0017 of the tensor; allow four of those.
-    assert abs(float((out != base).float().mean()) - 0.1) < 0.007
+    # sqrt(0.1 * 0.9 / 32768) = 0.0017 of the tensor; allow four of those (and not exactly 0.1).
+    kept = float((out != base).float().mean())
+    assert abs(kept - 0.1) < 0.007 and kept != 0.1
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.4])
+def test_sce_matches_its_definition(topk: float) -> None:
+    base, *tensors = rand(4, seed=31)
+    close(run("sce", tensors, base, select_topk=topk), ref_sce(base, tensors, topk))
 
 
 # ---- spherical -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("row_wise", "flatten"), [(False, True), (False, False), (True, False)])
+def test_nuslerp_interpolates_whole_tensors_rows_or_columns(row_wise: bool, flatten: bool) -> None:
+    a, b, base = rand(3, seed=32)
+    options = {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}
+    # t is the second ingredient's share of the weights: 3 / (1 + 3).
+    close(run("nuslerp", [a, b], weight=[1.0, 3.0], **options), ref_nuslerp(0.75, a, b, row_wise, flatten))
+    with_base = run("nuslerp", [a, b], base, weight=[1.0, 1.0], **options)
+    close(with_base, base.double() + ref_nuslerp(0.5, a - base, b - base, row_wise, flatten))
+    if not flatten:  # rows (or columns) are interpolated on their own: not the whole-tensor slerp
+        assert not torch.allclose(with_base, run("nuslerp", [a, b], base, weight=[1.0, 1.0]))
 
 
 def test_slerp_matches_its_formula_and_returns_its_endpoints() -> None:

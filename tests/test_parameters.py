@@ -64,7 +64,7 @@ def test_precedence_overrides_then_ingredient_then_weights_then_merge_then_defau
     glob, per = p.for_tensor("layers.2.mlp.weight")
     assert per["density"] == [0.3, 0.5]  # a: its own parameters; b: merge.parameters
     assert per["weight"] == [2.0, 0.3]  # a: its own weight beats merge.weights
-    assert glob == {"lambda": 2.0, "normalize": True, "majority_sign": "total"}  # defaults fill the rest
+    assert glob == {"lambda": 2.0, "normalize": True, "majority_sign": "total", "rank_sample": 0}  # defaults fill the rest
 
 
 @pytest.mark.parametrize(

@@ -106,7 +106,8 @@ def test_ingredient_problems_name_the_list_index() -> None:
     document["ingredients"][0]["sha256"] = "not-hex"
     assert "ingredients[0].sha256: String should match pattern" in problems(document)
     del document["ingredients"][0]["path"]
-    assert "ingredients[0].path: required field is missing" in problems(document)
+    document["ingredients"][0]["sha256"] = "0" * 64
+    assert "ingredients[0].path: give exactly one of path or adapter" in problems(document)
 
 
 def test_interface_shapes_must_lead_with_the_batch_dimension() -> None:

@@ -3,13 +3,17 @@
 What converts: ``merge_method`` for the methods Tureen has, ``base_model``, ``models`` with
 their ``parameters``, global ``parameters``, gradients, and ``filter`` lists (mergekit's
 filters are substrings of tensor names; they become ``*FILTER*`` globs). What does not is
-reported: fatal things (``slices``, LoRA or revision references, unknown methods) raise
+reported: fatal things (``slices``, revision references, unknown methods) raise
 ``SpecInvalid``; things without effect on the weights (tokenizer settings, ``int8_mask``) are
 dropped and listed in the returned notes.
 
 Precedence is kept: in mergekit a model's own setting beats every global one, so when a
 parameter also has global filters, the model's value becomes an override naming the
 ingredient (consulted first) rather than a plain ingredient parameter.
+
+A ``model+lora`` reference becomes an adapter ingredient on the model; a model named only that
+way is an ingredient with weight 0 (mergekit never feeds it to the merge) unless it is the
+``base_model``.
 """
 
 from __future__ import annotations
@@ -43,11 +47,23 @@ def from_mergekit(config: Mapping[str, Any], model: str, source: str = "mergekit
     declared = decl.by_name
     names: dict[str, str] = {}
     ingredients: list[dict[str, Any]] = []
+    helpers: set[str] = set()
+    """Models named only as the base of a LoRA reference (``model+lora``): not inputs themselves."""
 
-    def ingredient(reference: str, field: str) -> str:
+    def ingredient(reference: str, field: str, helper: bool = False) -> str:
+        model, plus, lora = reference.partition("+")
+        if not helper:
+            helpers.discard(names.get(reference, ""))
         if reference not in names:
-            names[reference] = _unique_name(reference, set(names.values()))
-            ingredients.append({"name": names[reference], "path": _local_path(reference, field, source)})
+            if plus:  # mergekit's model+lora: the adapter applied to the model, as an adapter ingredient
+                base_name = ingredient(model, field, helper=True)
+                names[reference] = _unique_name(lora, set(names.values()))
+                ingredients.append({"name": names[reference], "adapter": _local_path(lora, field, source), "base": base_name})
+            else:
+                names[reference] = _unique_name(reference, set(names.values()))
+                ingredients.append({"name": names[reference], "path": _local_path(reference, field, source)})
+                if helper:
+                    helpers.add(names[reference])
         return names[reference]
 
     merge: dict[str, Any] = {"method": method}
@@ -95,6 +111,7 @@ def from_mergekit(config: Mapping[str, Any], model: str, source: str = "mergekit
         ingredient(str(base), "base_model")
         notes.append(f"base_model: mergekit treats it as one more input of {method!r}; listed as an ingredient")
 
+    _weigh_out(helpers - {merge.get("base")}, ingredients, declared, method, notes, source)
     if parameters:
         merge["parameters"] = parameters
     if own_overrides or overrides:
@@ -110,6 +127,24 @@ def from_mergekit(config: Mapping[str, Any], model: str, source: str = "mergekit
         if key in config and why is not None:
             notes.append(f"{key}: dropped ({why})")
     return parse_spec(document, source=source), notes
+
+
+def _weigh_out(
+    helpers: set[str], ingredients: list[dict[str, Any]], declared: Mapping[str, Any], method: str, notes: list[str], source: str
+) -> None:
+    """Models that are only the base of LoRA references take part with weight 0."""
+    for name in sorted(helpers):
+        if "weight" not in declared:
+            raise SpecInvalid(
+                [
+                    f"models: {name!r} is only the base of LoRA references; {method!r} has no weights to leave it out with "
+                    "(make it the base_model)"
+                ],
+                source,
+            )
+        item = next(x for x in ingredients if x["name"] == name)
+        item.setdefault("parameters", {})["weight"] = 0.0
+        notes.append(f"models: {name!r} is only the base of LoRA references: an ingredient with weight 0")
 
 
 def _refuse_unconvertible(config: Mapping[str, Any], source: str) -> None:
@@ -159,17 +194,17 @@ def _unique_name(reference: str, taken: set[str]) -> str:
 
 
 def _local_path(reference: str, field: str, source: str) -> str:
-    if "+" in reference or "@" in reference:
-        raise SpecInvalid([f"{field}: {reference!r}: LoRA ('+') and revision ('@') references do not convert"], source)
+    if "@" in reference:
+        raise SpecInvalid([f"{field}: {reference!r}: revision ('@') references do not convert (name a local directory)"], source)
     return reference
 
 
 def missing_paths(spec: SoupSpec, base_dir: Path) -> list[str]:
     """Notes for ingredients not found on disk: Tureen reads local checkpoints, never a hub."""
     return [
-        f"ingredients: {i.path!r} is not a local file or directory; download it first (Tureen does not fetch models)"
+        f"ingredients: {i.location!r} is not a local file or directory; download it first (Tureen does not fetch models)"
         for i in spec.ingredients
-        if not (base_dir / i.path).exists()
+        if not (base_dir / i.location).exists()
     ]
 
 

@@ -123,6 +123,10 @@ Secrets that features read from must be named.
 - --grpc-workers={{ .Values.server.grpcWorkers }}
 - --max-message-mb={{ .Values.server.maxMessageMb }}
 - --merge-kernels={{ .Values.server.mergeKernels }}
+- --ingredient-placement={{ .Values.server.ingredientPlacement }}
+{{- if .Values.server.cpuThreads }}
+- --cpu-threads={{ .Values.server.cpuThreads }}
+{{- end }}
 {{- if .Values.server.blendMemoryMb }}
 - --blend-memory-mb={{ .Values.server.blendMemoryMb }}
 {{- end }}

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from tureen.core.adapters import AdaptedTensors, check_fits, load_adapter
 from tureen.core.checkpoints import (
     PICKLE_SUFFIXES,
     SafetensorsFile,
@@ -68,6 +69,8 @@ class Ingredient:
     nbytes: int
     files: tuple[SafetensorsFile, ...] = ()
     digest: str | None = None
+    computed: bool = False
+    """Its tensors are computed when read (a LoRA adapter applied to its base)."""
 
     @classmethod
     def held(cls, path: str, tensors: Mapping[str, torch.Tensor]) -> Ingredient:
@@ -78,6 +81,8 @@ class Ingredient:
     @property
     def local(self) -> bool:
         """Its tensors already lie where merges compute: a merge may read them in place."""
+        if self.computed:
+            return False
         return self.placement == "device" or (self.placement == "host" and self.device.type == "cpu")
 
     def window(self, key: str, begin: int, end: int, scratch: dict[torch.dtype, torch.Tensor] | None = None) -> torch.Tensor:
@@ -162,6 +167,8 @@ class IngredientPool:
             return chosen
         total = 0
         for ref in spec.ingredients:
+            if ref.path is None:
+                continue  # an adapter is held whatever the placement: it is small
             try:
                 files, _ = checkpoint_files(Path(ref.path), f"ingredient {ref.name!r} ({ref.path})")
                 total += sum(stamp_of(f)[1] for f in files)
@@ -175,22 +182,55 @@ class IngredientPool:
         placement = self.placement_for(spec)
         loaded: dict[str, Ingredient] = {}
         started, done = time.perf_counter(), 0
-        for i, ref in enumerate(spec.ingredients, start=1):
+        # Adapters last: each one applies to an ingredient loaded before it.
+        order = sorted(spec.ingredients, key=lambda ref: ref.adapter is not None)
+        for i, ref in enumerate(order, start=1):
             rate = done / max(time.perf_counter() - started, 1e-9) / 1e6
-            line = f"loading ingredient {i}/{len(spec.ingredients)} {ref.name!r} ({placement})"
+            line = f"loading ingredient {i}/{len(order)} {ref.name!r} ({'adapter' if ref.adapter else placement})"
             if done:
                 line += f", {done / 1e6:,.0f} MB so far at {rate:,.0f} MB/s"
             _log.info("model %s: %s", spec.model, line)
             if progress is not None:
-                progress(line, 0.6 * (i - 1) / len(spec.ingredients))
-            loaded[ref.name] = self.load(ref, placement)
+                progress(line, 0.6 * (i - 1) / len(order))
+            if ref.adapter is not None:
+                assert ref.base is not None  # the spec requires it
+                loaded[ref.name] = self.load_adapter(ref, loaded[ref.base])
+            else:
+                loaded[ref.name] = self.load(ref, placement)
             done += loaded[ref.name].nbytes
-        return loaded
+        return {ref.name: loaded[ref.name] for ref in spec.ingredients}
+
+    def load_adapter(self, ref: IngredientRef, base: Ingredient) -> Ingredient:
+        """The ingredient ``base`` + the LoRA adapter ``ref`` names, tensors computed when read."""
+        where = f"ingredient {ref.name!r} ({ref.adapter})"
+        folder = Path(str(ref.adapter))
+        if not folder.is_dir():
+            raise IngredientMissing(f"{where}: adapter folder not found")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file() and ref.sha256 is not None:
+            self._check_digest(ref, [weights], (stamp_of(weights),), where)
+        adapter = load_adapter(folder, where)
+        check_fits(adapter, base.layout, where, str(ref.base))
+        layout = {
+            k: torch.empty(t.shape, dtype=adapter.replaced[k].dtype, device="meta") if k in adapter.replaced else t
+            for k, t in base.layout.items()
+        }
+        tensors = AdaptedTensors(base.tensors, layout, adapter, self.device)
+        _log.info(
+            "loaded %s: %d LoRA updates, %d replaced tensors on base %r",
+            where,
+            len(adapter.loras),
+            len(adapter.replaced),
+            ref.base,
+        )
+        return Ingredient(
+            str(ref.adapter), base.placement, self.device, layout, tensors, adapter.nbytes, base.files, ref.sha256, computed=True
+        )
 
     def load(self, ref: IngredientRef, placement: Placement = "device") -> Ingredient:
         """The ingredient ``ref`` names at ``placement``, read unless its unchanged files are pooled."""
         where = f"ingredient {ref.name!r} ({ref.path})"
-        files, weight_map = checkpoint_files(Path(ref.path), where)
+        files, weight_map = checkpoint_files(Path(ref.location), where)
         try:
             stamps = tuple(stamp_of(f) for f in files)
         except FileNotFoundError:
@@ -204,10 +244,10 @@ class IngredientPool:
         if pooled is not None:
             return pooled
         started = time.perf_counter()
-        ingredient = self._read(files, weight_map, placement, where, ref.path, digest)
+        ingredient = self._read(files, weight_map, placement, where, ref.location, digest)
         with self._lock:
             ingredient = self._pooled.setdefault((stamps, placement), ingredient)
-            self._forget_stale(Path(ref.path), stamps)
+            self._forget_stale(stamps)
         for p in PLACEMENTS:
             self._observer.ingredient_memory(p, "disk" if p == "disk" else str(self._memory_of(p)), self.bytes_by_placement()[p])
         seconds = time.perf_counter() - started
@@ -239,7 +279,7 @@ class IngredientPool:
             raise IngredientCorrupt(f"{where}: sha256 is {digest}, the spec expects {ref.sha256}")
         return digest
 
-    def _forget_stale(self, path: Path, stamps: tuple[Stamp, ...]) -> None:
+    def _forget_stale(self, stamps: tuple[Stamp, ...]) -> None:
         """Drop pooled copies of the same files from before they changed (called holding the lock)."""
         names = {s[0] for s in stamps}
         for key in [k for k in self._pooled if {s[0] for s in k[0]} == names and k[0] != stamps]:

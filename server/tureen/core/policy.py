@@ -162,7 +162,14 @@ def _paths(spec: SoupSpec) -> Iterator[tuple[str, str]]:
     if spec.architecture is not None and spec.architecture.huggingface is not None:
         yield "architecture.huggingface", spec.architecture.huggingface
     for i, ingredient in enumerate(spec.ingredients):
-        yield f"ingredients[{i}].path", ingredient.path
+        yield (
+            (f"ingredients[{i}].path", ingredient.location)
+            if ingredient.adapter is None
+            else (
+                f"ingredients[{i}].adapter",
+                ingredient.location,
+            )
+        )
     if spec.evaluation is not None:
         for name, split in spec.evaluation.splits.items():
             if split.path is not None:

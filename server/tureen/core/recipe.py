@@ -44,7 +44,7 @@ def check_compatible(
     expected = reference if reference is not None else ingredients[first.name].layout
     for ref in spec.ingredients:
         tensors = ingredients[ref.name].layout
-        where = f"ingredient {ref.name!r} ({ref.path})"
+        where = f"ingredient {ref.name!r} ({ref.location})"
         missing = sorted(key for key in expected if key not in tensors)
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -288,6 +288,6 @@ def _check_agree(spec: SoupSpec, ingredients: Mapping[str, Ingredient], key: str
     for ref in spec.ingredients:
         if not torch.equal(ingredients[ref.name].tensors[key].to(reference.device), reference):
             raise IngredientMismatch(
-                f"ingredient {ref.name!r} ({ref.path}): tensor {key!r} ({reference.dtype}) differs from "
+                f"ingredient {ref.name!r} ({ref.location}): tensor {key!r} ({reference.dtype}) differs from "
                 f"ingredient {source!r}; integer and bool tensors are never averaged and must agree"
             )

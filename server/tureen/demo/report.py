@@ -88,7 +88,7 @@ def _ensemble_accuracy(version: StoredVersion, pixels: torch.Tensor, labels: tor
     total = torch.zeros(len(labels), 10)
     for ref in version.spec.ingredients:
         module = DigitsMLP(hidden=train.HIDDEN)
-        module.load_state_dict(load_file(ref.path))
+        module.load_state_dict(load_file(ref.location))
         with torch.inference_mode():
             total += module.eval()(pixels)["probabilities"]
     return float((total.argmax(dim=-1) == labels).float().mean())

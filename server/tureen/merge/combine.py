@@ -12,7 +12,7 @@ import torch
 from tureen.merge import linear as _linear
 from tureen.merge import others, spherical
 from tureen.merge.job import Combine, TensorJob
-from tureen.merge.sparsify import SAMPLE, Magnitude, Outliers, Random, Ranked, sample_index, stable_seed32
+from tureen.merge.sparsify import Magnitude, Magnitudes, Outliers, Random, Ranked, stable_seed32
 from tureen.merge.task_vectors import Sparsifier, task_vector_merge
 
 
@@ -22,21 +22,18 @@ def _base(job: TensorJob) -> torch.Tensor:
     return job.base
 
 
-def _samples(job: TensorJob) -> list[torch.Tensor]:
-    """|theta_i - base| per ingredient, for ranking: exact for small tensors, else sampled at the
-    same positions (``sample_index``) in every ingredient, so the base is gathered once."""
+def _magnitudes(job: TensorJob) -> list[Magnitudes]:
+    """|theta_i - base| per ingredient, to rank: every entry, or ``rank_sample`` of them at the
+    same positions (``sample_index``) in every ingredient."""
     base = _base(job).reshape(-1)
-    index = sample_index(base.numel(), base.device) if base.numel() > SAMPLE else None
-    b = (base if index is None else base.index_select(0, index)).float()
-    flats = [t.reshape(-1) for t in job.tensors]
-    return [((f if index is None else f.index_select(0, index)).float() - b).abs_() for f in flats]
+    return [Magnitudes.of(t.reshape(-1), base, int(job.glob.get("rank_sample", 0))) for t in job.tensors]
 
 
 def _seed(job: TensorJob, i: int) -> int:
     return stable_seed32(job.glob["seed"], job.name, job.ingredients[i])
 
 
-def _ranked(job: TensorJob, i: int, sample: torch.Tensor, density: float) -> Sparsifier | None:
+def _ranked(job: TensorJob, i: int, magnitudes: Magnitudes, density: float) -> Sparsifier | None:
     """DELLA's sparsifier for ingredient ``i``, once its density and epsilon are known to fit."""
     if density >= 1.0:
         return None
@@ -46,13 +43,13 @@ def _ranked(job: TensorJob, i: int, sample: torch.Tensor, density: float) -> Spa
             f"ingredient {job.ingredients[i]!r}: density {density:g} and epsilon {epsilon:g} need "
             "0 < density - epsilon and density + epsilon <= 1"
         )
-    return Ranked.fit(sample, density, epsilon, job.glob["rescale"], _seed(job, i))
+    return Ranked.fit(magnitudes, density, epsilon, job.glob["rescale"], _seed(job, i))
 
 
 def _sparsifiers(kind: str, job: TensorJob) -> list[Sparsifier | None]:
     """One sparsifier per ingredient, fitted to this tensor with that ingredient's parameters."""
     made: list[Sparsifier | None] = []
-    samples = _samples(job) if kind != "random" else []
+    samples = _magnitudes(job) if kind != "random" else []
     for i, density in enumerate(job.per["density"]):
         if kind == "magnitude":
             made.append(Magnitude.fit(samples[i], density) if density < 1.0 else None)
@@ -100,6 +97,21 @@ def slerp(job: TensorJob) -> torch.Tensor:
     # The two models: the base then the other, or the two ingredients in spec order.
     v0, v1 = (job.base, job.tensors[0]) if job.base is not None else (job.tensors[0], job.tensors[1])
     return spherical.slerp(job.glob["t"], v0, v1)
+
+
+def nuslerp(job: TensorJob) -> torch.Tensor:
+    # Two ingredients, weighted; t is the second one's share (0.5 when the weights cancel out).
+    w0, w1 = job.per["weight"]
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    options = {"row_wise": job.glob["nuslerp_row_wise"], "flatten": job.glob["nuslerp_flatten"]}
+    if job.base is None:
+        return spherical.nuslerp(t, job.tensors[0], job.tensors[1], **options)
+    base = job.base.float()
+    return base + spherical.nuslerp(t, job.tensors[0].float() - base, job.tensors[1].float() - base, **options)
+
+
+def sce(job: TensorJob) -> torch.Tensor:
+    return others.sce(_base(job), job.tensors, job.glob["select_topk"])
 
 
 def multislerp(job: TensorJob) -> torch.Tensor:

@@ -69,7 +69,18 @@ SEED = Param("seed", "seed of the random drop masks (with the tensor and ingredi
 RESCALE = Param("rescale", "divide kept entries by their keep probability", True, kind="bool")
 EPSILON = Param("epsilon", "spread of keep probabilities by magnitude rank", 0.15, per_ingredient=True, low=0.0, high=1.0)
 GAMMA = Param("gamma", "fraction of largest-magnitude outliers removed", 0.01, per_ingredient=True, low=0.0, high=1.0)
+RANK_SAMPLE = Param(
+    "rank_sample",
+    "entries magnitude thresholds are estimated from; 0 ranks every entry exactly (mergekit's results)",
+    0,
+    kind="integer",
+    low=0,
+)
 T = Param("t", "interpolation factor from the first endpoint (0) to the second (1)", 0.5)
+
+_TRIM = (_density(), RANK_SAMPLE)
+_CRUMBS = (_density(), GAMMA, RANK_SAMPLE)
+_RANKED = (_density(), EPSILON, RANK_SAMPLE)
 
 _MERGEKIT = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
 SOUPS = "https://arxiv.org/abs/2203.05482"
@@ -84,6 +95,8 @@ SLERP = "https://doi.org/10.1145/325334.325242"
 KARCHER = "https://doi.org/10.1002/cpa.3160300502"
 """Karcher, "Riemannian center of mass and mollifier smoothing", 1977."""
 MODEL_STOCK = "https://arxiv.org/abs/2403.19522"
+NUSLERP = "https://arxiv.org/abs/2412.19819"
+SCE = "https://arxiv.org/abs/2408.07990"
 
 _COMBINE = "tureen.merge.combine"
 
@@ -112,7 +125,7 @@ METHODS: tuple[MergeMethod, ...] = (
         elementwise=True,
     ),
     MergeMethod(
-        _task_vector("ties", "trim, elect signs, disjoint mean (TIES-Merging)", (_density(),), True, True, False),
+        _task_vector("ties", "trim, elect signs, disjoint mean (TIES-Merging)", _TRIM, True, True, False),
         f"{_COMBINE}:ties",
         TIES,
     ),
@@ -127,28 +140,22 @@ METHODS: tuple[MergeMethod, ...] = (
         DARE,
     ),
     MergeMethod(
-        _task_vector(
-            "breadcrumbs", "drop tiny and outlier entries, then task arithmetic", (_density(), GAMMA), False, False, False
-        ),
+        _task_vector("breadcrumbs", "drop tiny and outlier entries, then task arithmetic", _CRUMBS, False, False, False),
         f"{_COMBINE}:breadcrumbs",
         BREADCRUMBS,
     ),
     MergeMethod(
-        _task_vector(
-            "breadcrumbs_ties", "breadcrumbs sparsification with sign election", (_density(), GAMMA), True, False, False
-        ),
+        _task_vector("breadcrumbs_ties", "breadcrumbs sparsification with sign election", _CRUMBS, True, False, False),
         f"{_COMBINE}:breadcrumbs_ties",
         BREADCRUMBS,
     ),
     MergeMethod(
-        _task_vector("della", "magnitude-ranked random drop with sign election (DELLA)", (_density(), EPSILON), True, True, True),
+        _task_vector("della", "magnitude-ranked random drop with sign election (DELLA)", _RANKED, True, True, True),
         f"{_COMBINE}:della",
         DELLA,
     ),
     MergeMethod(
-        _task_vector(
-            "della_linear", "magnitude-ranked random drop, then task arithmetic", (_density(), EPSILON), False, False, True
-        ),
+        _task_vector("della_linear", "magnitude-ranked random drop, then task arithmetic", _RANKED, False, False, True),
         f"{_COMBINE}:della_linear",
         DELLA,
     ),
@@ -163,6 +170,22 @@ METHODS: tuple[MergeMethod, ...] = (
         ),
         f"{_COMBINE}:slerp",
         SLERP,
+    ),
+    MergeMethod(
+        MethodDecl(
+            "nuslerp",
+            "SLERP of two weighted models (or of their task vectors), whole or row by row",
+            (
+                _weight(),
+                Param("nuslerp_flatten", "treat each tensor as one vector", True, kind="bool"),
+                Param("nuslerp_row_wise", "without flatten: interpolate columns (dim 0) instead of rows", False, kind="bool"),
+            ),
+            base="optional",
+            min_ingredients=2,
+            max_ingredients=2,
+        ),
+        f"{_COMBINE}:nuslerp",
+        NUSLERP,
     ),
     MergeMethod(
         MethodDecl(
@@ -198,6 +221,16 @@ METHODS: tuple[MergeMethod, ...] = (
         ),
         f"{_COMBINE}:model_stock",
         MODEL_STOCK,
+    ),
+    MergeMethod(
+        MethodDecl(
+            "sce",
+            "select high-variance entries, weigh ingredients by their deltas' energy, erase minority signs (SCE)",
+            (Param("select_topk", "fraction of entries kept, by variance across ingredients", 1.0, low=0.0, high=1.0),),
+            base="required",
+        ),
+        f"{_COMBINE}:sce",
+        SCE,
     ),
     MergeMethod(
         MethodDecl(

@@ -38,6 +38,30 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return a * s0 + b * s1
 
 
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True) -> torch.Tensor:
+    """SLERP of ``v0`` and ``v1`` as many vectors at once (mergekit's ``nuslerp``), in float32.
+
+    With ``flatten`` each tensor is one vector (the SLERP above, with nuslerp's own edge cases);
+    without, a matrix is interpolated vector by vector: its rows, or its columns with
+    ``row_wise``. Vectors whose angle has a sine below 1e-8 are interpolated linearly.
+    """
+    a, b = v0.float(), v1.float()
+    shape = a.shape
+    if flatten or a.dim() < 2:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    unit_a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0))
+    sin_theta = torch.sin(theta)
+    curved = (torch.sin((1.0 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
+    out = torch.where(sin_theta.abs() < EPS, torch.lerp(a, b, t), curved)
+    if row_wise and not flatten and len(shape) >= 2:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
 def multislerp(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], base: torch.Tensor | None = None, normalize_weights: bool = True
 ) -> torch.Tensor:

@@ -104,8 +104,9 @@ def resolve_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
         return str(base_dir / Path(path).expanduser())
 
     def with_path(item: Any) -> Any:
-        ok = isinstance(item, Mapping) and isinstance(item.get("path"), str) and item["path"]
-        return {**item, "path": at(item["path"])} if ok else item
+        if not isinstance(item, Mapping):
+            return item
+        return {**item, **{k: at(item[k]) for k in ("path", "adapter") if isinstance(item.get(k), str) and item[k]}}
 
     resolved = dict(data)
     architecture = resolved.get("architecture")

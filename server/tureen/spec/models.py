@@ -158,13 +158,33 @@ Parameters = Annotated[dict[str, ParamValue], AfterValidator(_frozen_dict)]
 
 
 class IngredientRef(_Frozen):
-    """One checkpoint: a name the spec refers to, a file, optionally its checksum and parameters."""
+    """One checkpoint: a name the spec refers to, a file (or a LoRA adapter on another
+    ingredient), optionally its checksum and parameters."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    path: str = Field(min_length=1)
+    path: str | None = Field(default=None, min_length=1)
+    adapter: str | None = Field(default=None, min_length=1)
+    """A PEFT LoRA adapter directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    base: str | None = None
+    """With ``adapter``: the ingredient the adapter was trained on."""
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     parameters: Parameters = Field(default_factory=FrozenDict)
     """Per-ingredient parameters of the merge method (weight, density, ...) for this ingredient."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.path is None) == (self.adapter is None):
+            raise FieldProblems([("path", "give exactly one of path or adapter")])
+        if self.adapter is not None and self.base is None:
+            raise FieldProblems([("base", "an adapter needs the ingredient it was trained on as its base")])
+        if self.adapter is None and self.base is not None:
+            raise FieldProblems([("base", "base goes with adapter")])
+        return self
+
+    @property
+    def location(self) -> str:
+        """The file or folder it is read from (the adapter's folder for an adapter)."""
+        return self.path if self.path is not None else str(self.adapter)
 
 
 class Override(_Frozen):

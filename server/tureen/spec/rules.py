@@ -94,8 +94,21 @@ def _batching_problems(spec: SoupSpec) -> Problems:
     ]
 
 
-def _ingredient_problems(spec: SoupSpec, method: MethodDecl) -> Problems:
+def _adapter_problems(spec: SoupSpec) -> Problems:
+    """An adapter's base must be another ingredient of the spec, and a full checkpoint."""
+    full = {i.name for i in spec.ingredients if i.adapter is None}
     problems: Problems = []
+    for i, ingredient in enumerate(spec.ingredients):
+        if ingredient.base is None or ingredient.base in full:
+            continue
+        known = ingredient.base in {other.name for other in spec.ingredients}
+        why = "is an adapter itself; an adapter's base is a full checkpoint" if known else "names no ingredient"
+        problems.append((f"ingredients[{i}].base", f"{ingredient.base!r} {why}"))
+    return problems
+
+
+def _ingredient_problems(spec: SoupSpec, method: MethodDecl) -> Problems:
+    problems: Problems = _adapter_problems(spec)
     seen: set[str] = set()
     for i, ingredient in enumerate(spec.ingredients):
         if ingredient.name in seen:
