@@ -100,7 +100,7 @@ def ingredients(count: int, params: int, tensors: int, dtype: torch.dtype, devic
         state = carve(((f"layers.{k:03d}.weight", torch.Size([per]), dtype) for k in range(tensors)), device)
         for tensor in state.values():
             tensor.copy_(torch.randn(per, generator=generator, device=device))
-        made[f"m{i}"] = Ingredient(digest=str(i), path=f"m{i}", tensors=state, nbytes=per * tensors * dtype.itemsize)
+        made[f"m{i}"] = Ingredient.held(f"m{i}", state)
     return made
 
 

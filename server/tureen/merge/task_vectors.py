@@ -23,7 +23,9 @@ import torch
 
 from tureen.merge.kernels import MIN_ELEMENTS, run_compiled, signature, task_vector_kernel
 
-CHUNK = 1 << 21
+CHUNK = 1 << 18
+"""Elements per eager step: the N task-vector rows of one chunk (1 MiB each in float32) stay in
+cache through the dozen passes a step makes over them (2^21 measured 2-4x slower)."""
 Consensus = Literal["total", "frequency"] | None
 
 
