@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,15 @@ def test_grpc_maps_a_changed_file_to_aborted() -> None:
 
     assert status_of(IngredientChanged("x")) == grpc.StatusCode.ABORTED
     assert STATUS_OF[IngredientChanged] == 409
+
+
+def test_a_build_reports_bytes_and_rates_while_loading_and_merging(tmp_path: Path) -> None:
+    write_ingredients(tmp_path, 3)
+    spec = parse_spec({**digits_spec([f"ft-{i}" for i in range(3)]), "placement": "disk"}, base_dir=tmp_path)
+    heard: list[tuple[str, float]] = []
+    Kitchen(IngredientPool(torch.device("cpu"), NullObserver()), NullObserver()).build(spec, 1, lambda s, f: heard.append((s, f)))
+    loading = [s for s, _ in heard if s.startswith("loading ingredient 3/3")]
+    assert loading and re.search(r"\(disk\), [\d,]+ MB so far at [\d,]+ MB/s", loading[0])
+    merging = [(s, f) for s, f in heard if s.startswith("merging: ")]
+    assert merging and re.fullmatch(r"merging: [\d,]+/[\d,]+ MB read at [\d,]+ MB/s", merging[-1][0])
+    assert 0.6 < merging[-1][1] <= 0.9 and [f for _, f in heard] == sorted(f for _, f in heard)

@@ -88,9 +88,10 @@ class Kitchen:
             raise SpecInvalid(["architecture: required to serve a model (only `tureen merge` works without one)"])
         prepared = prepare(spec, self.pool, progress)
         recipe, resolution = self._recipe(prepared, resolution, progress)
+        start = 0.8 if resolution else 0.6
         if progress is not None:
-            progress("merging", 0.8 if resolution else 0.6)
-        merged = self._merge(recipe, prepared.ingredients, budget)
+            progress("merging", start)
+        merged = self._merge(recipe, prepared.ingredients, budget, _stage(progress, start, 0.9 - start))
         if progress is not None:
             progress("warming up", 0.9)
         assert prepared.skeleton is not None and prepared.signature is not None
@@ -136,19 +137,23 @@ class Kitchen:
         return resolved_spec(spec, resolution["merge"]), resolution
 
     def _merge(
-        self, recipe: SoupSpec, ingredients: Mapping[str, Ingredient], budget: MemoryBudget | None
+        self,
+        recipe: SoupSpec,
+        ingredients: Mapping[str, Ingredient],
+        budget: MemoryBudget | None,
+        progress: Progress | None = None,
     ) -> dict[str, torch.Tensor]:
         """Merge into the budget's donor when its layout fits, else into new memory the budget has room for."""
         try:
             into = budget.donor() if budget is not None else None
             if into is not None:
                 try:
-                    return mix(recipe, ingredients, kernels=self.kernels, into=into)
+                    return mix(recipe, ingredients, kernels=self.kernels, into=into, progress=progress)
                 except ValueError:  # another layout (architecture or dtype changed): fresh memory
                     pass
             if budget is not None:
                 budget.room(_blend_bytes(recipe, ingredients))
-            return mix(recipe, ingredients, kernels=self.kernels)
+            return mix(recipe, ingredients, kernels=self.kernels, progress=progress)
         except (MemoryError, torch.OutOfMemoryError) as exc:
             raise OutOfMemory(f"merging the blend ran out of memory on {self.pool.device}: {exc}") from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,7 @@ def mix(
     kernels: Kernels = "auto",
     into: Mapping[str, torch.Tensor] | None = None,
     quiet: bool = False,
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge the ingredients' tensors by the spec's method into the spec's dtype.
 
@@ -98,16 +99,14 @@ def mix(
         compiled=_use_compiled(kernels, spec, ingredients),
         local=all(ingredient.local for ingredient in used),
     )
-    done = 0
+    meter = _Meter(sum(t.numel() * t.element_size() for t in reference.values()) * len(used), progress)
     for group in _groups(reference, plan, method.elementwise):
         if reference[group[0]].is_floating_point():
             pass_.merge(group)
         else:
             _check_agree(spec, ingredients, group[0], source)
             merged[group[0]].copy_(ingredients[source].whole(group[0]))
-        if (done + len(group)) // 100 > done // 100:
-            _log.info("merging: %d/%d tensors", done + len(group), len(reference))
-        done += len(group)
+        meter.read(sum(reference[k].numel() * reference[k].element_size() for k in group) * len(used))
     for ingredient in used:
         ingredient.verify()  # a file that changed while it was read gives a blend of two versions: refused
     parameters = sum(t.numel() for t in merged.values())
@@ -123,6 +122,28 @@ def mix(
         "in place" if pass_.local else "streamed",
     )
     return merged
+
+
+class _Meter:
+    """Bytes read so far and their rate, told to ``progress`` (and the log) every second or so."""
+
+    def __init__(self, total: int, progress: Callable[[str, float], None] | None) -> None:
+        self.total, self.progress = max(total, 1), progress
+        self.done, self.started = 0, time.perf_counter()
+        self._told = self.started
+
+    def read(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self._told < 1.0 and self.done < self.total:
+            return
+        self._told = now
+        rate = self.done / max(now - self.started, 1e-9) / 1e6
+        line = f"merging: {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB read at {rate:,.0f} MB/s"
+        if self.progress is None:
+            _log.info("%s", line)
+        else:
+            self.progress(line, self.done / self.total)  # a build's progress logs it
 
 
 def _blend_buffer(
