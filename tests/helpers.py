@@ -296,3 +296,20 @@ def stop(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 def openssl(folder: Path, *args: str) -> None:
     """Run the openssl CLI in ``folder`` (tests make their certificates with it)."""
     subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+
+def llama_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.LlamaConfig`` (2 layers of 16), with ``overrides``; callers skip
+    without transformers, so it is imported here, not at the top."""
+    import transformers
+
+    sizes: dict[str, Any] = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32,
+    }
+    return transformers.LlamaConfig(**{**sizes, **overrides})

@@ -10,7 +10,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from helpers import running_app, write_spec
+from helpers import llama_config, running_app, write_spec
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import NullObserver
@@ -22,15 +22,7 @@ peft = pytest.importorskip("peft", reason="peft is not installed (pip install 't
 
 
 def config(hidden: int = 32) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=80,
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    return llama_config(vocab_size=80, hidden_size=hidden, intermediate_size=48, num_attention_heads=4)
 
 
 ADAPTERS = {

@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import llama_config
 from tureen.core.ingredients import IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import NullObserver
@@ -46,9 +47,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_merges_equal_mergekit_on_the_same_files(tmp_path: Path, method: str) -> None:
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
+    config = llama_config(hidden_size=32, intermediate_size=64, num_attention_heads=4)
     torch.manual_seed(0)
     for name in ("base", "ft-0", "ft-1", "ft-2"):
         transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)

@@ -13,23 +13,14 @@ import tritonclient.grpc as grpcclient
 from safetensors.torch import save_file
 from tureen_client import SoupClient
 
-from helpers import running_app, sample, scrape, write_spec
+from helpers import llama_config, running_app, sample, scrape, write_spec
 from tureen.spec import load_spec
 
 transformers = pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
 
 
 def tiny_llama(tied: bool) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
+    return llama_config(tie_word_embeddings=tied)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tureen_client import SoupClient
 
-from helpers import digits_spec, running_app, sample, scrape, write_ingredients, write_spec
-from tureen.core.ingredients import IngredientPool
+from helpers import digits_spec, llama_config, running_app, sample, scrape, write_ingredients, write_spec
+from tureen.core.ingredients import PLACEMENTS, IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import NullObserver
 from tureen.core.recipe import mix
@@ -24,20 +24,11 @@ from tureen.spec import load_spec, parse_spec
 
 transformers = pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
 
-PLACEMENTS = ("device", "host", "disk")
-
 
 def llama_soup(folder: Path, count: int = 4) -> dict:
     """``count`` fine-tunes of one tiny Llama, bf16, each a sharded Hugging Face directory."""
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        torch_dtype="bfloat16",
+    config = llama_config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, torch_dtype="bfloat16"
     )
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -70,7 +61,8 @@ def test_every_placement_merges_a_sharded_llama_soup_to_the_same_bits(tmp_path: 
         spec = parse_spec({**document, "merge": merge, "placement": placement}, base_dir=tmp_path)
         pool = IngredientPool(torch.device("cpu"), NullObserver())
         blends[placement] = Kitchen(pool, NullObserver()).merge(spec)
-        assert {i.placement for i in pool._pooled.values()} == {placement}
+        held = pool.bytes_by_placement()
+        assert held[placement] > 0 and all(held[p] == 0 for p in PLACEMENTS if p != placement)
     for placement in ("host", "disk"):
         assert blends[placement].keys() == blends["device"].keys()
         for key, tensor in blends["device"].items():
@@ -127,7 +119,7 @@ def test_shard_index_problems_name_the_file(tmp_path: Path) -> None:
 
 RSS_SCRIPT = """
 import sys, torch
-from tureen.core.ingredients import IngredientPool
+from tureen.core.ingredients import PLACEMENTS, IngredientPool
 from tureen.core.kitchen import Kitchen
 from tureen.core.observer import NullObserver
 from tureen.spec import load_spec

@@ -164,8 +164,8 @@ def every_core() -> Iterator[None]:
 
     Torch's thread count is per thread for the threads that already run (the serving loop and
     the forward workers keep theirs: ``--cpu-threads``); the build runs at lowered priority, so
-    requests still win the cores. Measured on a 1B-parameter linear soup from disk, 2 cores:
-    the merge took 15.8 s with one thread, 6.3 s with both.
+    requests still win the cores. ``python bench/llm_merge.py --params 1.0`` on 2 cores: the
+    push-to-serving of the 1B linear soup from disk took 12.3 s with one thread, 7.5 s with both.
     """
     serving = torch.get_num_threads()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

@@ -33,8 +33,8 @@ def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[st
 
     Asked for, it is that. Otherwise, when forwards run on the CPU and neither ``OMP_NUM_THREADS``
     nor ``MKL_NUM_THREADS`` is set, one core is left to the serving loop: on a small machine a
-    forward that wants every core waits for the one receiving requests, which measured slower
-    under load (bench/peers.py) than one thread fewer.
+    forward that wants every core waits for the one receiving requests (``bench/peers.py``'s
+    big-model rows with dynamic batching show the throughput this gives).
     """
     if requested is not None:
         return requested

@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -45,6 +45,7 @@ from tureen.spec import IngredientRef, SoupSpec
 
 _log = logging.getLogger("tureen.ingredients")
 
+T = TypeVar("T")
 Placement = Literal["device", "host", "disk"]
 PLACEMENTS: tuple[Placement, ...] = ("device", "host", "disk")
 READ_BLOCK = 64 << 20
@@ -67,7 +68,8 @@ class Ingredient:
     layout: Mapping[str, torch.Tensor]
     tensors: Mapping[str, torch.Tensor]
     nbytes: int
-    files: tuple[SafetensorsFile, ...] = ()
+    shards: Mapping[str, SafetensorsFile] = field(default_factory=dict)
+    """For ``disk``: the file each tensor is read from."""
     digest: str | None = None
     computed: bool = False
     """Its tensors are computed when read (a LoRA adapter applied to its base)."""
@@ -76,12 +78,12 @@ class Ingredient:
     def held(cls, path: str, tensors: Mapping[str, torch.Tensor]) -> Ingredient:
         """An ingredient of tensors already in memory, on their own device (placement ``device``)."""
         device = next(iter(tensors.values())).device
-        return _ingredient(path, "device", device, tensors, tensors, (), None)
+        return Ingredient(path, "device", device, _meta(tensors), tensors, _bytes(tensors))
 
     @property
     def layout_bytes(self) -> int:
         """Bytes a merge reads from it (for an adapter: the whole adapted model's)."""
-        return sum(t.numel() * t.element_size() for t in self.layout.values())
+        return _bytes(self.layout)
 
     @property
     def local(self) -> bool:
@@ -94,7 +96,7 @@ class Ingredient:
         """Elements ``[begin, end)`` of tensor ``key``, flattened, on the merge's device. A ``disk``
         ingredient reads them into ``scratch``'s buffer of their dtype when it is large enough
         (and makes one there otherwise), so a streamed merge reuses its memory window after window."""
-        if self.placement != "disk" or key not in self._shard_of:
+        if key not in self.shards:
             return self.tensors[key].reshape(-1)[begin:end].to(self.device, non_blocking=True)
         dtype = self.layout[key].dtype
         buffer = None if scratch is None else scratch.get(dtype)
@@ -103,7 +105,7 @@ class Ingredient:
             if scratch is not None:
                 scratch[dtype] = buffer
         piece = buffer[: end - begin]
-        self._shard_of[key].read_into(key, piece, begin)
+        self.shards[key].read_into(key, piece, begin)
         return piece.to(self.device)
 
     def whole(self, key: str) -> torch.Tensor:
@@ -111,19 +113,14 @@ class Ingredient:
         return self.tensors[key].to(self.device, non_blocking=True)
 
     def verify(self) -> None:
-        """Raise ``IngredientChanged`` if a file read on demand changed since it was loaded."""
-        if self.placement != "disk":
-            return  # held tensors were copied at load: later changes to the file cannot reach them
-        for file in self.files:
+        """Raise ``IngredientChanged`` if a file read on demand changed since it was loaded (held
+        tensors were copied at load: later changes to their files cannot reach them)."""
+        for file in {id(f): f for f in self.shards.values()}.values():
             if file.changed():
                 raise IngredientChanged(
                     f"{file.where}: the file changed on disk (size, mtime or inode) since it was loaded; "
                     "a build reads it again on the next push"
                 )
-
-    @property
-    def _shard_of(self) -> Mapping[str, SafetensorsFile]:
-        return self.tensors._shard_of if isinstance(self.tensors, _OnDisk) else {}
 
 
 class _OnDisk(Mapping[str, torch.Tensor]):
@@ -212,8 +209,7 @@ class IngredientPool:
         if not folder.is_dir():
             raise IngredientMissing(f"{where}: adapter folder not found")
         weights = folder / "adapter_model.safetensors"
-        if weights.is_file() and ref.sha256 is not None:
-            self._check_digest(ref, [weights], (stamp_of(weights),), where)
+        digest = self._check_digest(ref, [weights], (stamp_of(weights),), where) if weights.is_file() else None
         adapter = load_adapter(folder, where)
         check_fits(adapter, base.layout, where, str(ref.base))
         layout = {
@@ -228,8 +224,9 @@ class IngredientPool:
             len(adapter.replaced),
             ref.base,
         )
+        # No shards of its own: its base, an ingredient of the same spec, is verified as itself.
         return Ingredient(
-            str(ref.adapter), base.placement, self.device, layout, tensors, adapter.nbytes, base.files, ref.sha256, computed=True
+            str(ref.adapter), base.placement, self.device, layout, tensors, adapter.nbytes, digest=digest, computed=True
         )
 
     def load(self, ref: IngredientRef, placement: Placement = "device") -> Ingredient:
@@ -253,8 +250,9 @@ class IngredientPool:
         with self._lock:
             ingredient = self._pooled.setdefault((stamps, placement), ingredient)
             self._forget_stale(stamps)
+        placed = self.bytes_by_placement()
         for p in PLACEMENTS:
-            self._observer.ingredient_memory(p, "disk" if p == "disk" else str(self._memory_of(p)), self.bytes_by_placement()[p])
+            self._observer.ingredient_memory(p, "disk" if p == "disk" else str(self._memory_of(p)), placed[p])
         seconds = time.perf_counter() - started
         _log.info(
             "loaded %s: %d tensors, %.1f MB (%s) in %.2f s (%.0f MB/s)",
@@ -304,18 +302,19 @@ class IngredientPool:
             if placement == "disk":
                 _log.info("%s: pickled checkpoints cannot be read in pieces; held in host memory", where)
                 placement = "host"
-            tensors = _union(((f, load_pickle(f, shard_where(f))) for f in files), where)
-            held = _place({k: t.contiguous() for k, t in tensors.items()}, self._memory_of(placement), self._pinned(placement))
-            return _ingredient(path, placement, self.device, held, held, (), digest)
+            pickled = _unique([load_pickle(f, shard_where(f)) for f in files], where)
+            held = _place({k: t.contiguous() for k, t in pickled.items()}, self._memory_of(placement), self._pinned(placement))
+            return Ingredient(path, placement, self.device, _meta(held), held, _bytes(held), digest=digest)
         opened = [SafetensorsFile.open(f, shard_where(f)) for f in files]
-        shard_of = _shards(opened, weight_map, where)
+        shards = _shards(opened, weight_map, where)
         if placement == "disk":
-            return _ingredient(path, placement, self.device, _OnDisk(shard_of), None, tuple(opened), digest)
+            layout = {k: torch.empty(f.entries[k].shape, dtype=f.entries[k].dtype, device="meta") for k, f in shards.items()}
+            return Ingredient(path, placement, self.device, layout, _OnDisk(shards), _bytes(layout), shards, digest)
         held = {}
         for file in opened:
             held.update(_read_file(file, self._memory_of(placement), self._pinned(placement)))
-        ordered = {k: held[k] for k in shard_of}
-        return _ingredient(path, placement, self.device, ordered, ordered, tuple(opened), digest)
+        ordered = {k: held[k] for k in shards}
+        return Ingredient(path, placement, self.device, _meta(ordered), ordered, _bytes(ordered), digest=digest)
 
     def _pinned(self, placement: Placement) -> bool:
         return placement == "host" and self.device.type == "cuda"
@@ -333,42 +332,30 @@ def choose_placement(nbytes: int, device: torch.device) -> Placement:
     return "disk"
 
 
-def _ingredient(
-    path: str,
-    placement: Placement,
-    device: torch.device,
-    tensors: Mapping[str, torch.Tensor],
-    held: Mapping[str, torch.Tensor] | None,
-    files: tuple[SafetensorsFile, ...],
-    digest: str | None,
-) -> Ingredient:
-    if held is not None:
-        layout = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in held.items()}
-    else:
-        entries = {k: e for file in files for k, e in file.entries.items()}
-        layout = {k: torch.empty(entries[k].shape, dtype=entries[k].dtype, device="meta") for k in tensors}
-    nbytes = sum(t.numel() * t.element_size() for t in layout.values())
-    return Ingredient(path, placement, device, layout, tensors, nbytes, files, digest)
+def _meta(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shapes and dtypes as meta tensors (no memory)."""
+    return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
 
 
-def _union(shards: Iterator[tuple[Path, dict[str, torch.Tensor]]], where: str) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for _, shard in shards:
-        clash = next((name for name in shard if name in tensors), None)
+def _bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _unique(shards: Sequence[Mapping[str, T]], where: str) -> dict[str, T]:
+    """The shards' entries in one map; a tensor in two shards is an error."""
+    union: dict[str, T] = {}
+    for shard in shards:
+        clash = next((name for name in shard if name in union), None)
         if clash is not None:
             raise IngredientCorrupt(f"{where}: tensor {clash!r} appears in more than one shard")
-        tensors.update(shard)
-    return tensors
+        union.update(shard)
+    return union
 
 
 def _shards(opened: list[SafetensorsFile], weight_map: Mapping[str, str] | None, where: str) -> dict[str, SafetensorsFile]:
     """Tensor name -> the shard holding it, in the files' own order; checked against the index."""
-    shard_of: dict[str, SafetensorsFile] = {}
-    for file in opened:
-        for name in sorted(file.entries, key=lambda n: file.entries[n].start):
-            if name in shard_of:
-                raise IngredientCorrupt(f"{where}: tensor {name!r} appears in more than one shard")
-            shard_of[name] = file
+    in_order = [{n: f for n in sorted(f.entries, key=lambda n: f.entries[n].start)} for f in opened]
+    shard_of = _unique(in_order, where)
     for name, shard in (weight_map or {}).items():
         if name not in shard_of or shard_of[name].path.name != shard:
             raise IngredientCorrupt(f"{where}: the shard index puts tensor {name!r} in {shard}, which does not hold it")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,14 +99,14 @@ def mix(
         compiled=_use_compiled(kernels, spec, ingredients),
         local=all(ingredient.local for ingredient in used),
     )
-    meter = _Meter(sum(t.numel() * t.element_size() for t in reference.values()) * len(used), progress)
+    meter = _Meter(_bytes(reference.values()) * len(used), progress)
     for group in _groups(reference, plan, method.elementwise):
         if reference[group[0]].is_floating_point():
             pass_.merge(group)
         else:
             _check_agree(spec, ingredients, group[0], source)
             merged[group[0]].copy_(ingredients[source].whole(group[0]))
-        meter.read(sum(reference[k].numel() * reference[k].element_size() for k in group) * len(used))
+        meter.read(_bytes(reference[k] for k in group) * len(used))
     for ingredient in used:
         ingredient.verify()  # a file that changed while it was read gives a blend of two versions: refused
     parameters = sum(t.numel() for t in merged.values())
@@ -166,9 +166,9 @@ def _blend_buffer(
 WINDOW = 1 << 20
 """Elements per piece when an elementwise merge streams a tensor from host memory or disk on a
 CPU (4 MiB of float32): the merge then holds one piece per ingredient, never the checkpoints,
-and reads each piece while it is still in cache (2^18 measured 3x slower: per-piece costs
-dominate; 2^22 only 1.4x faster again). GPU pieces are 16 times larger: a launch per small
-piece would dominate."""
+and merges each piece while it is still in cache; much smaller pieces pay their per-piece
+costs (a read, a job) too often. GPU pieces are 16 times larger: a launch per small piece
+would dominate."""
 
 
 @dataclass(frozen=True)
@@ -184,11 +184,8 @@ class _Pass:
     compiled: bool
     local: bool
     """Every ingredient lies on the merge's device: tensors are read in place, runs of them as one."""
-    scratch: list[dict[torch.dtype, torch.Tensor]] = field(default_factory=list)
-    """Per mixed ingredient, then the base: the buffers disk reads of a window reuse."""
-
-    def __post_init__(self) -> None:
-        self.scratch.extend({} for _ in range(len(self.names) + 1))
+    scratch: dict[str, dict[torch.dtype, torch.Tensor]] = field(default_factory=dict)
+    """Per ingredient: the buffers its disk reads of a piece reuse, piece after piece."""
 
     def merge(self, group: list[str]) -> None:
         if not self.local:
@@ -201,11 +198,8 @@ class _Pass:
             columns.append([self.base.tensors[k] for k in group])
         columns.append([self.merged[k] for k in group])
         count = len(self.names)
-        for label, row in _rows(group, columns):
-            self._run(label, row[:count], row[count] if self.base is not None else None, row[-1], glob, per)
-        for key in group:
-            if not _finite(self.merged[key]):
-                self._blame(key, self.merged[key], {name: self.ingredients[name].tensors[key] for name in self._sources})
+        for label, keys, row in _rows(group, columns):
+            self._run(label, keys, row[:count], row[count] if self.base is not None else None, row[-1], glob, per)
 
     def _stream(self, key: str) -> None:
         """One tensor read piece by piece (elementwise methods) or whole, onto the merge's device."""
@@ -214,29 +208,30 @@ class _Pass:
         if not self.method.elementwise:
             tensors = [self.ingredients[name].whole(key) for name in self.names]
             base = self.base.whole(key) if self.base is not None else None
-            self._run(key, tensors, base, out, glob, per)
-            if not _finite(out):
-                self._blame(key, out, dict(zip(self._sources, [*tensors, base], strict=False)))
+            self._run(key, [key], tensors, base, out, glob, per)
             return
         flat = out.view(-1)
         window = WINDOW if out.device.type == "cpu" else WINDOW << 4
         for begin in range(0, flat.numel(), window):
             end = min(begin + window, flat.numel())
-            pieces = [self.ingredients[name].window(key, begin, end, self.scratch[i]) for i, name in enumerate(self.names)]
-            base = self.base.window(key, begin, end, self.scratch[-1]) if self.base is not None else None
-            self._run(key, pieces, base, flat[begin:end], glob, per)
-            if not _finite(flat[begin:end]):
-                self._blame(key, flat[begin:end], dict(zip(self._sources, [*pieces, base], strict=False)))
+            pieces = [self._window(name, key, begin, end) for name in self.names]
+            base = self._window(str(self.plan.spec.merge.base), key, begin, end) if self.base is not None else None
+            self._run(key, [key], pieces, base, flat[begin:end], glob, per)
+
+    def _window(self, name: str, key: str, begin: int, end: int) -> torch.Tensor:
+        return self.ingredients[name].window(key, begin, end, self.scratch.setdefault(name, {}))
 
     def _run(
         self,
         label: str,
+        keys: list[str],
         tensors: list[torch.Tensor],
         base: torch.Tensor | None,
         out: torch.Tensor,
         glob: dict[str, Any],
         per: dict[str, list[Any]],
     ) -> None:
+        """One job of the method, written into ``out``, which must come out finite."""
         job = TensorJob(
             name=label, tensors=tensors, ingredients=self.names, base=base, glob=glob, per=per, out=out, compiled=self.compiled
         )
@@ -246,26 +241,30 @@ class _Pass:
             raise MergeError(f"merge ({self.method.decl.name}): tensor {label!r}: {exc}") from None
         if result is not out:
             out.copy_(result)
+        if not _finite(out):
+            self._blame(keys, out.dtype)
 
-    @property
-    def _sources(self) -> list[str]:
-        """The mixed ingredients' names, then the base's."""
+    def _blame(self, keys: list[str], dtype: torch.dtype) -> None:
+        """NaN or Inf in the merged values of ``keys``: name the ingredient and tensor that hold
+        them (read whole: this is the error path), else the overflow."""
         base = self.plan.spec.merge.base
-        return [*self.names, *([base] if base is not None else [])]
+        for key in keys:
+            for name in [*self.names, *([base] if base is not None else [])]:
+                tensor = self.ingredients[name].tensors[key]
+                if tensor.is_floating_point() and not _finite(tensor):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    where = f"ingredient {name!r} ({self.ingredients[name].path})"
+                    raise IngredientCorrupt(f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s)")
+        raise MergeError(f"merge ({self.method.decl.name}): tensor {keys[0]!r}: the merged values overflow {dtype}")
 
-    def _blame(self, key: str, out: torch.Tensor, inputs: Mapping[str, torch.Tensor | None]) -> None:
-        """NaN or Inf in the merged values: name the ingredient that holds them, else the overflow."""
-        for name, tensor in inputs.items():
-            if tensor is not None and tensor.is_floating_point() and not _finite(tensor):
-                bad = int((~torch.isfinite(tensor)).sum())
-                where = f"ingredient {name!r} ({self.ingredients[name].path})"
-                raise IngredientCorrupt(f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s)")
-        raise MergeError(f"merge ({self.method.decl.name}): tensor {key!r}: the merged values overflow {out.dtype}")
+
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in ``tensor``: its minimum and maximum are finite (NaN propagates through
-    both), a reduction with no temporary, 10-25x faster than ``isfinite().all()``."""
+    both). One reduction and no temporary, where ``isfinite().all()`` writes a bool per entry."""
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor.reshape(-1))
@@ -287,14 +286,16 @@ def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementw
     return groups
 
 
-def _rows(group: list[str], columns: list[list[torch.Tensor]]) -> list[tuple[str, list[torch.Tensor]]]:
-    """The jobs of a group: one over flat views when every column (ingredients, base, blend)
-    lays the group's tensors out alike in one buffer, else one per tensor."""
+def _rows(group: list[str], columns: list[list[torch.Tensor]]) -> list[tuple[str, list[str], list[torch.Tensor]]]:
+    """The jobs of a group, each with the tensor names it covers: one over flat views when every
+    column (ingredients, base, blend) lays the group's tensors out alike in one buffer, else one
+    per tensor."""
     if len(group) > 1:
         spans = [span(column) for column in columns]
         if all(s is not None and s[1] == spans[0][1] for s in spans):  # type: ignore[index]
-            return [(f"{group[0]} .. {group[-1]} ({len(group)} tensors)", [s[0] for s in spans])]  # type: ignore[index]
-    return [(key, [column[i] for column in columns]) for i, key in enumerate(group)]
+            label = f"{group[0]} .. {group[-1]} ({len(group)} tensors)"
+            return [(label, group, [s[0] for s in spans])]  # type: ignore[index]
+    return [(key, [key], [column[i] for column in columns]) for i, key in enumerate(group)]
 
 
 def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> bool:

@@ -25,7 +25,8 @@ from tureen.merge.kernels import MIN_ELEMENTS, run_compiled, signature, task_vec
 
 CHUNK = 1 << 18
 """Elements per eager step: the N task-vector rows of one chunk (1 MiB each in float32) stay in
-cache through the dozen passes a step makes over them (2^21 measured 2-4x slower)."""
+cache through the dozen passes a step makes over them (``python bench/merge.py`` prints the
+eager rates)."""
 Consensus = Literal["total", "frequency"] | None
 
 
