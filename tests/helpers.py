@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -313,3 +314,32 @@ def llama_config(**overrides: Any) -> Any:
         "max_position_embeddings": 32,
     }
     return transformers.LlamaConfig(**{**sizes, **overrides})
+
+
+WORDS = [f"w{i}" for i in range(63)] + ["[UNK]"]
+
+
+def llama_with_tokens(folder: Path, seed: int, added: list[str], special: list[str] = ()) -> dict[str, torch.Tensor]:
+    """A tiny Llama (``llama_config``) saved in ``folder`` with a word-level tokenizer of 64 tokens plus ``added`` and ``special`` ones,
+    its embeddings grown to match (rows of the new tokens random, as a fine-tune leaves them)."""
+    import tokenizers
+    import transformers
+
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_tokens(list(added))
+    tokenizer.add_special_tokens(list(special))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(llama_config())
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != 64:
+        model.resize_token_embeddings(size, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[64:] = torch.randn(size - 64, 16)
+            model.get_output_embeddings().weight[64:] = torch.randn(size - 64, 16)
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"})
+    )
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

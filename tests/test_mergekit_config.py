@@ -31,7 +31,7 @@ parameters:
   int8_mask: true
   density: [{filter: net.4, value: 0.2}, {value: 0.6}]
 dtype: float32
-tokenizer_source: base
+chat_template: chatml
 """
 
 
@@ -46,7 +46,7 @@ def test_a_mergekit_config_converts_and_merges_with_mergekit_precedence(tmp_path
         timeout=60,
     )
     assert converted.returncode == 0, converted.stderr
-    assert "parameters.int8_mask: dropped" in converted.stderr and "tokenizer_source: dropped" in converted.stderr
+    assert "parameters.int8_mask: dropped" in converted.stderr and "chat_template: dropped" in converted.stderr
     assert "not a local file" not in converted.stderr
     assert yaml.safe_load((tmp_path / "soup.yaml").read_text())["merge"]["base"] == "base-0"
 
@@ -73,10 +73,12 @@ def test_global_filters_apply_where_models_set_nothing() -> None:
     ("change", "expected"),
     [
         ({"merge_method": "arcee_fusion"}, "merge_method: 'arcee_fusion' has no Tureen equivalent"),
-        ({"slices": []}, "slices/modules: only the 'models' form converts"),
+        ({"modules": {}}, "modules: only the 'models' and 'slices' forms convert"),
+        ({"slices": [{"sources": []}]}, "models: give exactly one of models or slices"),
         ({"base_model": "org/model@v2"}, "revision ('@') references do not convert"),
         ({"parameters": {"bogus": 1}}, "parameters.bogus: method 'ties' has no such parameter"),
         ({"dtype": "float64"}, "dtype: 'float64' cannot be served"),
+        ({"tokenizer": {"source": "union", "tokens": {}}}, "tokenizer: only 'source' converts (not tokens)"),
     ],
 )
 def test_what_cannot_convert_is_said(change: dict, expected: str) -> None:
@@ -99,6 +101,13 @@ def test_lora_references_become_adapter_ingredients() -> None:
     assert dict(spec.ingredients[0].parameters) == {"weight": 0.0} and any("weight 0" in n for n in notes)
     with pytest.raises(SpecInvalid, match="'llama' is only the base of LoRA references; 'slerp' has no weights"):
         from_mergekit({"merge_method": "slerp", "models": models, "parameters": {"t": 0.5}}, "m")
+
+
+def test_a_tokenizer_source_becomes_the_specs_tokenizer_section() -> None:
+    config = {**yaml.safe_load(CONFIG), "tokenizer_source": "union"}
+    assert from_mergekit(config, "m")[0].tokenizer.source == "union"  # type: ignore[union-attr]
+    config = {**yaml.safe_load(CONFIG), "tokenizer": {"source": "ft-1.safetensors"}}
+    assert from_mergekit(config, "m")[0].tokenizer.source == "ft-1"  # type: ignore[union-attr]
 
 
 def test_linear_takes_its_base_model_as_an_ingredient() -> None:

@@ -169,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="merge a spec offline into a safetensors file, no server")
     merge.add_argument("spec", metavar="SPEC", help="a soup spec (YAML or JSON)")
-    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the merged .safetensors")
+    merge.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="where to write the merged .safetensors (a spec's tokenizer goes beside it, as tokenizer.json)",
+    )
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
     merge.add_argument("--json", action="store_true", help="print a JSON summary instead of a sentence")
     _kernels_option(merge)
@@ -342,7 +348,7 @@ def _merge(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     pool = IngredientPool(resolve_device(args.device), NullObserver(), args.ingredient_placement)
     kitchen = Kitchen(pool, NullObserver(), args.merge_kernels)
-    merged = kitchen.merge(spec)
+    merged = kitchen.merge(spec, tokenizer_to=output.parent)
     metadata = {"tureen.model": spec.model, "tureen.spec": spec.model_dump_json(by_alias=True)}
     try:
         write_safetensors(output, merged, metadata)
@@ -358,6 +364,8 @@ def _merge(args: argparse.Namespace) -> int:
         "dtype": spec.dtype,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if spec.tokenizer is not None:
+        summary["tokenizer"] = str(output.parent / "tokenizer.json")
     if args.json:
         print(json.dumps(summary))
     else:
@@ -366,6 +374,8 @@ def _merge(args: argparse.Namespace) -> int:
             f"{args.output}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
             f"{spec.dtype}, {summary['seconds']} s"
         )
+        if "tokenizer" in summary:
+            print(f"the blend's tokenizer ({spec.tokenizer.source if spec.tokenizer else ''}): {summary['tokenizer']}")
     return 0
 
 

@@ -20,8 +20,8 @@ def resolve_factory(arch: Architecture) -> Callable[..., Any]:
     if arch.huggingface is not None:
         from tureen.core import huggingface
 
-        directory, task = arch.huggingface, arch.task
-        return lambda: huggingface.build(directory, task)
+        directory, task, config = arch.huggingface, arch.task, dict(arch.config)
+        return lambda: huggingface.build(directory, task, config)
     assert arch.factory is not None  # the spec validates that one of the two is given
     module_name, _, attr_path = arch.factory.partition(":")
     try:

@@ -18,8 +18,9 @@ from tureen.errors import ArchitectureError
 TASKS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
 
 
-def build(directory: str, task: str) -> nn.Module:
-    """The model of ``task`` for the config in ``directory``, with its ``tureen_interface`` set."""
+def build(directory: str, task: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The model of ``task`` for the config in ``directory`` (with ``overrides`` replacing its
+    values), with its ``tureen_interface`` set."""
     try:
         import transformers
     except ImportError:
@@ -29,7 +30,13 @@ def build(directory: str, task: str) -> nn.Module:
     try:
         # Code shipped beside a config (``auto_map``) never runs: no remote code, no download.
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        for key, value in (overrides or {}).items():
+            if not hasattr(config, key):
+                raise ArchitectureError(f"architecture.config.{key}: {type(config).__name__} has no such setting")
+            setattr(config, key, value)
         model = getattr(transformers, TASKS[task]).from_config(config, trust_remote_code=False)
+    except ArchitectureError:
+        raise
     except Exception as exc:
         raise ArchitectureError(f"architecture.huggingface: cannot build a {task} model from {directory}: {exc}") from None
     model.tureen_interface = interface(task, config)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -40,6 +40,7 @@ from tureen.core.checkpoints import (
 )
 from tureen.core.memory import available_bytes
 from tureen.core.observer import Observer
+from tureen.core.tensor_maps import OnDisk, Renamed
 from tureen.errors import IngredientChanged, IngredientCorrupt, IngredientMissing
 from tureen.spec import IngredientRef, SoupSpec
 
@@ -73,6 +74,8 @@ class Ingredient:
     digest: str | None = None
     computed: bool = False
     """Its tensors are computed when read (a LoRA adapter applied to its base)."""
+    sources: Mapping[str, str] = field(default_factory=dict)
+    """For a renamed view: the name each tensor has in its file, where it differs."""
 
     @classmethod
     def held(cls, path: str, tensors: Mapping[str, torch.Tensor]) -> Ingredient:
@@ -105,8 +108,19 @@ class Ingredient:
             if scratch is not None:
                 scratch[dtype] = buffer
         piece = buffer[: end - begin]
-        self.shards[key].read_into(key, piece, begin)
+        self.shards[key].read_into(self.sources.get(key, key), piece, begin)
         return piece.to(self.device)
+
+    def renamed(self, names: Mapping[str, str]) -> Ingredient:
+        """A view of the tensors ``names`` maps to (new name -> name here), by their new names:
+        how a slice reads layer 8 of an ingredient as the blend's layer 0. Nothing is copied."""
+        return replace(
+            self,
+            layout={new: self.layout[old] for new, old in names.items()},
+            tensors=Renamed(self.tensors, names),
+            shards={new: self.shards[old] for new, old in names.items() if old in self.shards},
+            sources={new: self.sources.get(old, old) for new, old in names.items()},
+        )
 
     def whole(self, key: str) -> torch.Tensor:
         """Tensor ``key`` on the merge's device."""
@@ -121,22 +135,6 @@ class Ingredient:
                     f"{file.where}: the file changed on disk (size, mtime or inode) since it was loaded; "
                     "a build reads it again on the next push"
                 )
-
-
-class _OnDisk(Mapping[str, torch.Tensor]):
-    """The tensors of ``disk`` ingredients: each read from its shard when looked up."""
-
-    def __init__(self, shard_of: Mapping[str, SafetensorsFile]) -> None:
-        self._shard_of = shard_of
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._shard_of[key].read(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shard_of)
-
-    def __len__(self) -> int:
-        return len(self._shard_of)
 
 
 class IngredientPool:
@@ -309,7 +307,7 @@ class IngredientPool:
         shards = _shards(opened, weight_map, where)
         if placement == "disk":
             layout = {k: torch.empty(f.entries[k].shape, dtype=f.entries[k].dtype, device="meta") for k, f in shards.items()}
-            return Ingredient(path, placement, self.device, layout, _OnDisk(shards), _bytes(layout), shards, digest)
+            return Ingredient(path, placement, self.device, layout, OnDisk(shards), _bytes(layout), shards, digest)
         held = {}
         for file in opened:
             held.update(_read_file(file, self._memory_of(placement), self._pinned(placement)))

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +25,7 @@ from tureen.core.observer import Observer
 from tureen.core.prepare import Prepared, prepare
 from tureen.core.recipe import mix
 from tureen.core.search import Resolution, needs_search, resolved_spec, search
+from tureen.core.slices import parts
 from tureen.errors import ArchitectureError, MergeError, OutOfMemory, SoupError, SpecInvalid
 from tureen.merge.kernels import Kernels
 from tureen.spec import Architecture, SoupSpec
@@ -54,9 +56,10 @@ class Kitchen:
         self._observer = observer
         self.kernels: Kernels = kernels
 
-    def merge(self, spec: SoupSpec) -> dict[str, torch.Tensor]:
+    def merge(self, spec: SoupSpec, tokenizer_to: Path | None = None) -> dict[str, torch.Tensor]:
         """The merged state dict alone, checked across ingredients only (no architecture needed,
-        except by a searched recipe, which runs the model on its evaluation data)."""
+        except by a searched recipe, which runs the model on its evaluation data). With
+        ``tokenizer_to``, a spec's ``tokenizer`` (the blend's vocabulary) is saved in that folder."""
         searched = needs_search(spec)
         if searched and (spec.architecture is None or spec.evaluation is None):
             raise SpecInvalid([f"architecture: merge.method {spec.merge.method!r} runs the model; give an architecture"])
@@ -65,7 +68,12 @@ class Kitchen:
             assert prepared.evaluator is not None
             found = run_search(spec, prepared.ingredients, self.pool.device, prepared.evaluator, _stage(None, 0.0, 1.0))
             spec = resolved_spec(spec, found.merge)
-        return mix(spec, prepared.ingredients, kernels=self.kernels)
+        merged = mix(spec, prepared.ingredients, kernels=self.kernels)
+        if tokenizer_to is not None and prepared.vocabulary is not None:
+            base = next(ref for ref in spec.ingredients if ref.name == (spec.merge.base or spec.ingredients[0].name))
+            where = Path(base.location)
+            prepared.vocabulary.save(tokenizer_to, where if where.is_dir() else where.parent)
+        return merged
 
     def build(
         self,
@@ -162,7 +170,7 @@ def _evaluate(blend: Blend, evaluator: Evaluator, ingredients: Mapping[str, Ingr
     """Score the blend on every split, and each ingredient alone when the spec asks."""
     scores = evaluator.score_all(evaluator.module_forward(blend.module))
     alone: dict[str, dict[str, Scores]] = {}
-    if evaluator.evaluation.ingredients:
+    if evaluator.evaluation.ingredients and spec.merge.slices is None:  # a sliced blend's module fits no ingredient
         probe = probe_module(spec.architecture, blend.device)  # type: ignore[arg-type]
         for ref in spec.ingredients:
             alone[ref.name] = evaluator.score_all(evaluator.functional_forward(probe, ingredients[ref.name].tensors))
@@ -218,7 +226,7 @@ def _stage(progress: Progress | None, start: float, width: float) -> Callable[[s
 def _blend_bytes(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> int:
     """The size of the blend ``mix`` would allocate: the spec's dtype for floating tensors."""
     itemsize = BLEND_DTYPES[spec.dtype].itemsize
-    source = ingredients[spec.merge.base or spec.ingredients[0].name].layout.values()
+    source = [t for part in parts(spec, ingredients) for t in part.layout.values()]
     return sum(t.numel() * (itemsize if t.is_floating_point() else t.element_size()) for t in source)
 
 

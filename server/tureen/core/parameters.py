@@ -16,7 +16,7 @@ Global parameters (``lambda``, ``t``...) skip steps 1, 3 and 4.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -58,11 +58,13 @@ def interpolate(values: Sequence[float], position: float) -> float:
 class ParameterPlan:
     """Answers "which parameter values apply to this tensor" for one spec."""
 
-    def __init__(self, spec: SoupSpec, tensor_names: Sequence[str]) -> None:
+    def __init__(self, spec: SoupSpec, tensor_names: Sequence[str], positions: Mapping[str, float] | None = None) -> None:
+        """``positions``: where each tensor sits along gradients, when not by its layer number
+        among ``tensor_names`` (a slice's layers run from 0 to 1 within the slice)."""
         self.spec = spec
         self.method = declaration(spec.merge.method)
         self.mixed = spec.mixed
-        self.positions = layer_positions(tensor_names)
+        self.positions = dict(positions) if positions is not None else layer_positions(tensor_names)
         self._global = [p for p in self.method.params if not p.per_ingredient]
         self._per = [p for p in self.method.params if p.per_ingredient]
 

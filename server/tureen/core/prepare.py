@@ -18,6 +18,7 @@ from tureen.core.evaluation import Evaluator
 from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.recipe import check_compatible
 from tureen.core.signature import Signature
+from tureen.core.vocabulary import Vocabulary, align
 from tureen.spec import SoupSpec
 
 
@@ -32,6 +33,8 @@ class Prepared:
     skeleton: nn.Module | None = None
     signature: Signature | None = None
     evaluator: Evaluator | None = None
+    vocabulary: Vocabulary | None = None
+    """The blend's vocabulary, when the spec maps embedding rows by token (``tokenizer``)."""
 
 
 def prepare(
@@ -42,15 +45,15 @@ def prepare(
     the ingredients must fit it (tied parameters are expected once); without, the ingredients
     are only checked against each other (``tureen merge`` needs no architecture)."""
     if not module or spec.architecture is None:
-        ingredients = pool.load_all(spec, progress)
+        ingredients, vocabulary = align(spec, pool.load_all(spec, progress))
         check_compatible(spec, ingredients)
-        return Prepared(spec, ingredients)
+        return Prepared(spec, ingredients, vocabulary=vocabulary)
     skeleton = instantiate(spec.architecture, "meta")
     signature = Signature(interface_of(spec, skeleton))
-    ingredients = pool.load_all(spec, progress)
+    ingredients, vocabulary = align(spec, pool.load_all(spec, progress))
     tied = aliases(skeleton)
     check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
     evaluator = None
     if spec.evaluation is not None:
         evaluator = Evaluator(spec.evaluation, signature, pool.device, BLEND_DTYPES[spec.dtype])
-    return Prepared(spec, ingredients, skeleton, signature, evaluator)
+    return Prepared(spec, ingredients, skeleton, signature, evaluator, vocabulary)

@@ -18,6 +18,7 @@ from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient
 from tureen.core.memory import carve, span
 from tureen.core.parameters import ParameterPlan
+from tureen.core.slices import Part, check_parts, parts
 from tureen.errors import IngredientCorrupt, IngredientMismatch, MergeError
 from tureen.merge.kernels import Kernels
 from tureen.merge.registry import Method, TensorJob, lookup
@@ -33,13 +34,24 @@ def check_compatible(
 
     The reference is the architecture's own ``state_dict()`` when serving, else the first
     ingredient. Floating dtypes may differ (a bf16 and an fp32 fine-tune mix fine); integer and
-    bool tensors must match exactly.
+    bool tensors must match exactly. With slices, each part is checked on the tensors it
+    writes, and together the parts must write the reference's tensors.
     """
-    first = spec.ingredients[0]
+    found = parts(spec, ingredients)
+    if spec.merge.slices is None:
+        _check_part(found[0], reference)
+        return
+    check_parts(spec, found, reference)
+    for part in found:
+        _check_part(part, None if reference is None else {key: reference[key] for key in part.layout})
+
+
+def _check_part(part: Part, reference: Mapping[str, torch.Tensor] | None) -> None:
+    first = part.spec.ingredients[0]
     against = "the architecture" if reference is not None else f"ingredient {first.name!r}"
-    expected = reference if reference is not None else ingredients[first.name].layout
-    for ref in spec.ingredients:
-        tensors = ingredients[ref.name].layout
+    expected = reference if reference is not None else part.ingredients[first.name].layout
+    for ref in part.spec.ingredients:
+        tensors = part.ingredients[ref.name].layout
         where = f"ingredient {ref.name!r} ({ref.location})"
         missing = sorted(key for key in expected if key not in tensors)
         if missing:
@@ -82,31 +94,16 @@ def mix(
     """
     started = time.perf_counter()
     method = lookup(spec.merge.method)
-    source = spec.merge.base or spec.ingredients[0].name
-    reference = ingredients[source].layout
-    plan = ParameterPlan(spec, list(reference))
-    merged = _blend_buffer(reference, BLEND_DTYPES[spec.dtype], into, ingredients[source].device)
+    found = parts(spec, ingredients)
+    reference = {key: tensor for part in found for key, tensor in part.layout.items()}
+    merged = _blend_buffer(reference, BLEND_DTYPES[spec.dtype], into, ingredients[found[0].source].device)
     used = [ingredients[ref.name] for ref in spec.ingredients]
     for ingredient in used:
         ingredient.verify()
-    pass_ = _Pass(
-        method=method,
-        plan=plan,
-        names=[i.name for i in plan.mixed],
-        ingredients=ingredients,
-        base=ingredients[spec.merge.base] if spec.merge.base else None,
-        merged=merged,
-        compiled=_use_compiled(kernels, spec, ingredients),
-        local=all(ingredient.local for ingredient in used),
-    )
-    meter = _Meter(_bytes(reference.values()) * len(used), progress)
-    for group in _groups(reference, plan, method.elementwise):
-        if reference[group[0]].is_floating_point():
-            pass_.merge(group)
-        else:
-            _check_agree(spec, ingredients, group[0], source)
-            merged[group[0]].copy_(ingredients[source].whole(group[0]))
-        meter.read(_bytes(reference[k] for k in group) * len(used))
+    compiled = _use_compiled(kernels, spec, ingredients)
+    meter = _Meter(sum(_bytes(part.layout.values()) * len(part.ingredients) for part in found), progress)
+    for part in found:
+        _merge_part(part, method, merged, compiled, meter)
     for ingredient in used:
         ingredient.verify()  # a file that changed while it was read gives a blend of two versions: refused
     parameters = sum(t.numel() for t in merged.values())
@@ -118,10 +115,34 @@ def mix(
         len(spec.ingredients),
         method.decl.name,
         time.perf_counter() - started,
-        "compiled" if pass_.compiled else "eager",
-        "in place" if pass_.local else "streamed",
+        "compiled" if compiled else "eager",
+        "in place" if all(ingredient.local for ingredient in used) else "streamed",
     )
     return merged
+
+
+def _merge_part(part: Part, method: Method, merged: dict[str, torch.Tensor], compiled: bool, meter: _Meter) -> None:
+    """Write one part's tensors into the blend (see ``tureen.core.slices``)."""
+    layout = part.layout
+    plan = ParameterPlan(part.spec, list(layout), part.positions)
+    base = part.spec.merge.base
+    pass_ = _Pass(
+        method=method,
+        plan=plan,
+        names=[i.name for i in plan.mixed],
+        ingredients=part.ingredients,
+        base=part.ingredients[base] if base else None,
+        merged=merged,
+        compiled=compiled,
+        local=all(ingredient.local for ingredient in part.ingredients.values()),
+    )
+    for group in _groups(layout, plan, method.elementwise):
+        if layout[group[0]].is_floating_point():
+            pass_.merge(group)
+        else:
+            _check_agree(part, group[0])
+            merged[group[0]].copy_(part.ingredients[part.source].whole(group[0]))
+        meter.read(_bytes(layout[k] for k in group) * len(part.ingredients))
 
 
 class _Meter:
@@ -307,11 +328,11 @@ def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, In
     return threshold is not None and sum(ingredients[ref.name].layout_bytes for ref in spec.ingredients) >= threshold
 
 
-def _check_agree(spec: SoupSpec, ingredients: Mapping[str, Ingredient], key: str, source: str) -> None:
-    reference = ingredients[source].tensors[key]
-    for ref in spec.ingredients:
-        if not torch.equal(ingredients[ref.name].tensors[key].to(reference.device), reference):
+def _check_agree(part: Part, key: str) -> None:
+    reference = part.ingredients[part.source].tensors[key]
+    for ref in part.spec.ingredients:
+        if not torch.equal(part.ingredients[ref.name].tensors[key].to(reference.device), reference):
             raise IngredientMismatch(
                 f"ingredient {ref.name!r} ({ref.location}): tensor {key!r} ({reference.dtype}) differs from "
-                f"ingredient {source!r}; integer and bool tensors are never averaged and must agree"
+                f"ingredient {part.source!r}; integer and bool tensors are never averaged and must agree"
             )

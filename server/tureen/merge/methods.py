@@ -264,7 +264,10 @@ METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         MethodDecl(
-            "passthrough", "one ingredient, scaled", (Param("scale", "factor applied to every tensor", 1.0),), max_ingredients=1
+            "passthrough",
+            "one ingredient, scaled",
+            (Param("scale", "factor applied to every tensor", 1.0, per_ingredient=True),),
+            max_ingredients=1,
         ),
         f"{_COMBINE}:passthrough",
         f"{_MERGEKIT}#passthrough-passthrough",  # no merge at all, so no paper

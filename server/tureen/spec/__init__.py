@@ -5,6 +5,8 @@
 public name is re-exported here, so callers import from ``tureen.spec``. No torch is imported.
 """
 
+from tureen.spec.frozen import FrozenDict, Parameters, ParamValue
+from tureen.spec.layers import Override, Slice, SliceSource
 from tureen.spec.loading import describe, load_spec, parse_spec, resolve_paths, spec_document, spec_from_json
 from tureen.spec.metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, METRICS, TASK_METRICS, EvalMetric, Metric, Task
 from tureen.spec.models import (
@@ -23,19 +25,16 @@ from tureen.spec.models import (
     EvalSet,
     Evaluation,
     Factory,
-    FrozenDict,
     Gate,
     IngredientRef,
     Interface,
     Kwargs,
     MergeSpec,
-    Override,
-    Parameters,
-    ParamValue,
     Rollout,
     Serving,
     SoupSpec,
     TensorSpec,
+    TokenizerSource,
     name_problem,
 )
 from tureen.spec.rules import MAX_GRID, FieldProblems
@@ -75,9 +74,12 @@ __all__ = [
     "Parameters",
     "Rollout",
     "Serving",
+    "Slice",
+    "SliceSource",
     "SoupSpec",
     "Task",
     "TensorSpec",
+    "TokenizerSource",
     "describe",
     "load_spec",
     "name_problem",

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     JsonValue,
     PrivateAttr,
@@ -23,8 +21,11 @@ from pydantic import (
 )
 
 from tureen.merge.methods import MethodDecl, declaration
+from tureen.spec.frozen import Frozen as _Frozen
+from tureen.spec.frozen import FrozenDict, Parameters, ParamValue, frozen_dict
+from tureen.spec.layers import Override, Slice
 from tureen.spec.metrics import DEFAULT_METRIC, TASK_METRICS, Metric, Task
-from tureen.spec.rules import FieldProblems, grid_problems, parameter_problems, soup_problems
+from tureen.spec.rules import FieldProblems, grid_problems, parameter_problems, slice_parameter_problems, soup_problems
 
 API_VERSION = "tureen/v1"
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64"]
@@ -48,34 +49,11 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-class FrozenDict(dict):  # type: ignore[type-arg]
-    """A dict that refuses changes, so that a validated spec stays what was validated."""
-
-    def _immutable(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("a validated spec cannot be changed; build a new one")
-
-    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _immutable
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (dict(self),))
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
-        return self
-
-
-def _frozen_dict(value: dict[str, Any]) -> dict[str, Any]:
-    return FrozenDict(value)
-
-
 FACTORY_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 Factory = Annotated[str, StringConstraints(pattern=FACTORY_PATTERN)]
 """``module:callable``, imported when the spec is built."""
-Kwargs = Annotated[dict[str, JsonValue], AfterValidator(_frozen_dict)]
+Kwargs = Annotated[dict[str, JsonValue], AfterValidator(frozen_dict)]
 """A factory's keyword arguments: plain data (numbers, strings, booleans, lists, maps), never objects."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
 class _FactoryOr(_Frozen):
@@ -151,10 +129,14 @@ class Architecture(_FactoryOr):
     huggingface: str | None = Field(default=None, min_length=1)
     """A directory with a Hugging Face ``config.json`` (relative to the spec file)."""
     task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    config: Kwargs = Field(default_factory=FrozenDict)
+    """Values that replace ``config.json``'s (``num_hidden_layers`` of a frankenmerge)."""
 
-
-ParamValue = StrictBool | int | float | str | list[float]
-Parameters = Annotated[dict[str, ParamValue], AfterValidator(_frozen_dict)]
+    @model_validator(mode="after")
+    def _config_with_huggingface(self) -> Self:
+        if self.config and self.huggingface is None:
+            raise FieldProblems([("config", "config goes with huggingface; a factory takes kwargs")])
+        return self
 
 
 class IngredientRef(_Frozen):
@@ -187,25 +169,18 @@ class IngredientRef(_Frozen):
         return self.path if self.path is not None else str(self.adapter)
 
 
-class Override(_Frozen):
-    """Parameters for the tensors whose names match a glob; the first matching entry wins."""
-
-    match: str = Field(min_length=1)
-    ingredient: str | None = None
-    """Only for this ingredient; entries naming an ingredient are consulted before the others."""
-    parameters: Parameters = Field(min_length=1)
-
-
 class MergeSpec(_Frozen):
     """Which merge method, with which weights and parameters."""
 
     method: str = "linear"
     base: str | None = None
-    weights: Annotated[dict[str, float | list[float]], AfterValidator(_frozen_dict)] | None = None
+    weights: Annotated[dict[str, float | list[float]], AfterValidator(frozen_dict)] | None = None
     parameters: Parameters = Field(default_factory=FrozenDict)
     overrides: tuple[Override, ...] = ()
-    grid: Annotated[dict[str, list[ParamValue]], AfterValidator(_frozen_dict)] | None = None
+    grid: Annotated[dict[str, list[ParamValue]], AfterValidator(frozen_dict)] | None = None
     """Values to try per parameter (every combination, at most 64); the best on held-out data is kept."""
+    slices: tuple[Slice, ...] | None = Field(default=None, min_length=1)
+    """The blend's layers, slice by slice (mergekit's ``slices``; a frankenmerge with ``passthrough``)."""
     _declaration: MethodDecl | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -219,6 +194,7 @@ class MergeSpec(_Frozen):
             problems += grid_problems(method, self.grid)
         for i, override in enumerate(self.overrides):
             problems += parameter_problems(method, override.parameters, f"overrides[{i}].parameters")
+        problems += slice_parameter_problems(method, self.slices or ())
         if problems:
             raise FieldProblems(problems)
         return self
@@ -246,7 +222,7 @@ class Evaluation(_Frozen):
     """How blends and ingredients are scored: the task, the data splits, the metric that decides."""
 
     task: Task = "classification"
-    splits: Annotated[dict[str, EvalSet], AfterValidator(_frozen_dict)] = Field(min_length=1)
+    splits: Annotated[dict[str, EvalSet], AfterValidator(frozen_dict)] = Field(min_length=1)
     select: str | None = None
     """The split that searches and the rollout gate use (default: the first one listed)."""
     metric: Metric | None = None
@@ -339,6 +315,14 @@ class Serving(_Frozen):
     batching: Batching | None = None
 
 
+class TokenizerSource(_Frozen):
+    """The blend's vocabulary when the ingredients' differ (mergekit's ``tokenizer_source``)."""
+
+    source: str = Field(default="base", min_length=1)
+    """``base`` (the base's, else the first ingredient's), ``union`` (every ingredient's tokens), or
+    an ingredient's name; embedding rows are mapped by token (see docs/spec.md)."""
+
+
 class SoupSpec(_Frozen):
     """A soup spec as pushed by an operator (apiVersion ``tureen/v1``)."""
 
@@ -360,6 +344,7 @@ class SoupSpec(_Frozen):
     placement: Literal["device", "host", "disk"] | None = None
     """Where the ingredients live between merges; None: the server's ``--ingredient-placement``."""
     merge: MergeSpec = Field(default_factory=MergeSpec)
+    tokenizer: TokenizerSource | None = None
     dtype: Dtype = "float32"
     evaluation: Evaluation | None = None
     rollout: Rollout | None = None

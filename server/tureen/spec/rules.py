@@ -7,13 +7,13 @@ together as ``FieldProblems``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tureen.merge.params import MethodDecl
 
 if TYPE_CHECKING:  # the models call these rules, so they cannot be imported here at run time
-    from tureen.spec.models import MergeSpec, SoupSpec
+    from tureen.spec.models import MergeSpec, Slice, SoupSpec
 
 Problems = list[tuple[str, str]]
 MAX_GRID = 64
@@ -42,6 +42,19 @@ def parameter_problems(method: MethodDecl, given: Mapping[str, Any], where: str,
             problems.append((f"{where}.{name}", f"{name!r} is a global parameter of {method.name!r}; set it in merge.parameters"))
         elif (problem := param.problem(value)) is not None:
             problems.append((f"{where}.{name}", problem))
+    return problems
+
+
+def slice_parameter_problems(method: MethodDecl, slices: Sequence[Slice]) -> Problems:
+    """The parameters a slice and its sources give (one section of the merge: no references)."""
+    problems: Problems = []
+    for i, piece in enumerate(slices):
+        where = f"slices[{i}]"
+        problems += parameter_problems(method, piece.parameters, f"{where}.parameters")
+        for k, override in enumerate(piece.overrides):
+            problems += parameter_problems(method, override.parameters, f"{where}.overrides[{k}].parameters")
+        for j, source in enumerate(piece.sources):
+            problems += parameter_problems(method, source.parameters, f"{where}.sources[{j}].parameters", only_per=True)
     return problems
 
 
@@ -77,6 +90,9 @@ def soup_problems(spec: SoupSpec) -> Problems:
     names = [ingredient.name for ingredient in spec.ingredients]
     problems = _ingredient_problems(spec, method)
     problems += merge_references(spec.merge, method, names)
+    problems += slice_problems(spec, method)
+    if spec.tokenizer is not None and spec.tokenizer.source not in ("base", "union", *names):
+        problems.append(("tokenizer.source", f"expected base, union or an ingredient's name, got {spec.tokenizer.source!r}"))
     return problems + _evaluation_needed(spec, method) + _batching_problems(spec)
 
 
@@ -140,7 +156,9 @@ def _evaluation_needed(spec: SoupSpec, method: MethodDecl) -> Problems:
 def merge_references(merge: MergeSpec, method: MethodDecl, names: list[str]) -> Problems:
     """The merge section against the ingredients: the base, how many, overrides and weights."""
     mixed = [name for name in names if name != merge.base]
-    problems = _base_problems(merge, method, names) + _count_problems(method, names, mixed)
+    problems = _base_problems(merge, method, names)
+    if merge.slices is None:  # with slices, each slice is counted on its own
+        problems += _count_problems(method, names, mixed)
     for i, override in enumerate(merge.overrides):
         if override.ingredient is not None and override.ingredient not in mixed:
             problems.append((f"merge.overrides[{i}].ingredient", f"no ingredient named {override.ingredient!r} besides the base"))
@@ -155,9 +173,52 @@ def _base_problems(merge: MergeSpec, method: MethodDecl, names: list[str]) -> Pr
         problems.append(("merge.base", f"no ingredient named {merge.base!r}"))
     if merge.base is not None and method.base == "forbidden":
         problems.append(("merge.base", f"method {method.name!r} does not use a base; list it as an ingredient"))
-    if merge.base is None and method.base == "required":
+    unbased = merge.slices is None or any(piece.base is None for piece in merge.slices)
+    if merge.base is None and method.base == "required" and unbased:
         problems.append(("merge.base", f"method {method.name!r} needs a base ingredient"))
     return problems
+
+
+def slice_problems(spec: SoupSpec, method: MethodDecl) -> Problems:
+    """Each slice against the ingredients and the method: who it names, how many, its base."""
+    slices = spec.merge.slices
+    if slices is None:
+        return []
+    if method.search:
+        return [("merge.slices", f"method {method.name!r} searches over whole models; slices go with a merge method")]
+    problems: Problems = []
+    for i, piece in enumerate(slices):
+        problems += _one_slice(spec, method, i, piece)
+    used = {source.ingredient for piece in slices for source in piece.sources}
+    used |= {i.base for i in spec.ingredients if i.base is not None and i.name in used}
+    problems += [
+        (f"ingredients[{k}]", f"{ref.name!r} is in no slice (and is no adapter's base)")
+        for k, ref in enumerate(spec.ingredients)
+        if ref.name not in used
+    ]
+    return problems
+
+
+def _one_slice(spec: SoupSpec, method: MethodDecl, i: int, piece: Slice) -> Problems:
+    where = f"merge.slices[{i}]"
+    known = {ref.name for ref in spec.ingredients}
+    names = [source.ingredient for source in piece.sources]
+    problems: Problems = []
+    for j, name in enumerate(names):
+        if name not in known:
+            problems.append((f"{where}.sources[{j}].ingredient", f"no ingredient named {name!r}"))
+        elif name in names[:j]:
+            problems.append((f"{where}.sources[{j}].ingredient", f"{name!r} is a source of this slice already"))
+    lengths = sorted({source.layers[1] - source.layers[0] for source in piece.sources})
+    if len(lengths) > 1:
+        problems.append((f"{where}.sources", f"every source must give as many layers; got runs of {lengths}"))
+    base = piece.base or spec.merge.base
+    if piece.base is not None and method.base == "forbidden":
+        problems.append((f"{where}.base", f"method {method.name!r} does not use a base"))
+    elif base is not None and base not in names:
+        problems.append((f"{where}.sources", f"the base {base!r} must be one of the slice's sources"))
+    mixed = [name for name in names if name != base]
+    return problems + [(f"{where}.sources", text) for _, text in _count_problems(method, names, mixed)]
 
 
 def _count_problems(method: MethodDecl, names: list[str], mixed: list[str]) -> Problems:
