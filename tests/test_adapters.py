@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from safetensors.torch import load_file
 
 from helpers import llama_config, running_app, write_spec
 from tureen.core.ingredients import IngredientPool
@@ -178,3 +179,31 @@ def test_bad_adapters_are_named_and_refused(tmp_path: Path) -> None:
                 ],
             }
         )
+
+
+def test_a_task_vector_merge_takes_an_adapters_update_itself_not_rounded_weights(tmp_path: Path) -> None:
+    # A bf16 base and a small update: base + update rounded to bf16 (what merge_and_unload gives)
+    # keeps little of it; task arithmetic on the adapter's own base merges the update itself.
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config()).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    tuned = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16),
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(1e-3 * torch.randn(parameter.shape))
+    tuned.save_pretrained(tmp_path / "a")
+    rounded = {k: v.clone() for k, v in tuned.merge_and_unload().state_dict().items()}
+    adapter = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    factor = "base_model.model.model.layers.0.self_attn.q_proj.lora_"
+    update = adapter[factor + "B.weight"].double() @ adapter[factor + "A.weight"].double()  # scale 1
+    document = soup_document({"method": "task_arithmetic", "base": "base", "weights": {"a": 2.0}}, ("a",))
+    merged = merged_by({**document, "dtype": "float32"}, tmp_path)
+    exact = base.state_dict()[key].double() + 2.0 * update
+    torch.testing.assert_close(merged[key].double(), exact, rtol=0, atol=1e-6)
+    from_rounded = base.state_dict()[key].double() + 2.0 * (rounded[key].double() - base.state_dict()[key].double())
+    assert (from_rounded - exact).abs().max() > 1e-4  # what the rounded weights would have merged to

@@ -220,8 +220,8 @@ def _placement_option(command: argparse.ArgumentParser, default: str = "auto") -
         choices=["auto", "device", "host", "disk"],
         help="where ingredients live between merges, for specs that name no placement: device memory, host memory "
         "(copied to the device piece by piece), or disk (read tensor by tensor during a merge, never held whole); "
-        "auto: the device when the spec's ingredients fit in half its free memory, else host, else disk "
-        f"(default: {default}){once}",
+        "auto: the device when the spec's ingredients fit in half its free memory, else host, else disk; on a CPU, "
+        f"disk from 1 GiB of ingredients when the spec has no evaluation (default: {default}){once}",
     )
 
 

@@ -52,6 +52,11 @@ class Lora:
     transpose: bool
     """The weight is stored [in, out] (``fan_in_fan_out``), or the module is an embedding."""
 
+    def delta(self, device: torch.device) -> torch.Tensor:
+        """``scale * B @ A`` in float32, shaped as the weight: the update itself, unrounded."""
+        product = self.b.to(device).float() @ self.a.to(device).float()
+        return (product.T if self.transpose else product).mul_(self.scale)
+
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + scale * B @ A`` as PEFT's merge computes it: the product in the factors'
         dtype (float32 on a CPU for 16-bit factors, rounded back), added in the wider dtype of the
@@ -153,13 +158,25 @@ def _pattern(patterns: object, module: str, default: object) -> float:
 
 class AdaptedTensors(Mapping[str, torch.Tensor]):
     """The tensors of base + adapter: each computed when looked up (the last one is kept, so a
-    merge reading one tensor piece by piece computes it once)."""
+    merge reading one tensor piece by piece computes it once). ``exact``: updated tensors are
+    ``base + scale * B @ A`` in float32, not rounded to the weight's dtype as PEFT's merge
+    rounds them, so that a task vector against the same base is the update itself."""
 
     def __init__(
-        self, base: Mapping[str, torch.Tensor], layout: Mapping[str, torch.Tensor], adapter: Adapter, device: torch.device
+        self,
+        base: Mapping[str, torch.Tensor],
+        layout: Mapping[str, torch.Tensor],
+        adapter: Adapter,
+        device: torch.device,
+        exact: bool = False,
     ) -> None:
         self._base, self._layout, self._adapter, self._device = base, layout, adapter, device
+        self.exact = exact
         self._last: tuple[str, torch.Tensor] | None = None
+
+    def exactly(self) -> AdaptedTensors:
+        """The same tensors with updates unrounded (see the class docstring)."""
+        return AdaptedTensors(self._base, self._layout, self._adapter, self._device, exact=True)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == key:
@@ -168,7 +185,8 @@ class AdaptedTensors(Mapping[str, torch.Tensor]):
         # A saved base layer (an embedding PEFT saved whole) replaces the base's before its update.
         tensor = (adapter.replaced[key] if key in adapter.replaced else self._base[key]).to(self._device)
         if key in adapter.loras:
-            tensor = adapter.loras[key].apply(tensor)
+            lora = adapter.loras[key]
+            tensor = tensor.float() + lora.delta(tensor.device) if self.exact else lora.apply(tensor)
         self._last = (key, tensor)
         return tensor
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,21 +223,49 @@ class _Pass:
             self._run(label, keys, row[:count], row[count] if self.base is not None else None, row[-1], glob, per)
 
     def _stream(self, key: str) -> None:
-        """One tensor read piece by piece (elementwise methods) or whole, onto the merge's device."""
+        """One tensor read piece by piece (elementwise methods, and those whose ``fit`` sweeps the
+        pieces first), else whole, onto the merge's device."""
         glob, per = self.plan.for_tensor(key)
         out = self.merged[key]
+        fitted = None
         if not self.method.elementwise:
-            tensors = [self.ingredients[name].whole(key) for name in self.names]
-            base = self.base.whole(key) if self.base is not None else None
-            self._run(key, [key], tensors, base, out, glob, per)
-            return
+            fitted = self._fit(key, glob, per, out)
+            if fitted is None:
+                tensors = [self.ingredients[name].whole(key) for name in self.names]
+                base = self.base.whole(key) if self.base is not None else None
+                self._run(key, [key], tensors, base, out, glob, per)
+                return
         flat = out.view(-1)
-        window = WINDOW if out.device.type == "cpu" else WINDOW << 4
-        for begin in range(0, flat.numel(), window):
-            end = min(begin + window, flat.numel())
+        base_name = str(self.plan.spec.merge.base)
+        for begin, end in _windows(out):
             pieces = [self._window(name, key, begin, end) for name in self.names]
-            base = self._window(str(self.plan.spec.merge.base), key, begin, end) if self.base is not None else None
-            self._run(key, [key], pieces, base, flat[begin:end], glob, per)
+            base = self._window(base_name, key, begin, end) if self.base is not None else None
+            self._run(key, [key], pieces, base, flat[begin:end], glob, per, offset=begin, fitted=fitted)
+
+    def _fit(self, key: str, glob: dict[str, Any], per: dict[str, list[Any]], out: torch.Tensor) -> Sequence[Any] | None:
+        """The method's fit over the tensor's pieces (thresholds from two sweeps), or None when
+        it has none or needs the whole tensor."""
+        if self.method.fit is None or self.base is None:
+            return None
+        base = str(self.plan.spec.merge.base)
+
+        def sweep() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+            for begin, end in _windows(out):
+                yield [self._window(name, key, begin, end) for name in self.names], self._window(base, key, begin, end)
+
+        return self.method.fit(self._job(key, [], None, out, glob, per, sweep=sweep))
+
+    def _job(
+        self,
+        label: str,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        out: torch.Tensor,
+        glob: Any,
+        per: Any,
+        **more: Any,
+    ) -> TensorJob:
+        return TensorJob(label, tensors, self.names, base, glob, per, out=out, compiled=self.compiled, **more)
 
     def _window(self, name: str, key: str, begin: int, end: int) -> torch.Tensor:
         return self.ingredients[name].window(key, begin, end, self.scratch.setdefault(name, {}))
@@ -251,11 +279,11 @@ class _Pass:
         out: torch.Tensor,
         glob: dict[str, Any],
         per: dict[str, list[Any]],
+        offset: int = 0,
+        fitted: Sequence[Any] | None = None,
     ) -> None:
         """One job of the method, written into ``out``, which must come out finite."""
-        job = TensorJob(
-            name=label, tensors=tensors, ingredients=self.names, base=base, glob=glob, per=per, out=out, compiled=self.compiled
-        )
+        job = self._job(label, tensors, base, out, glob, per, offset=offset, fitted=fitted)
         try:
             result = self.method.combine(job)
         except ValueError as exc:
@@ -277,6 +305,13 @@ class _Pass:
                     where = f"ingredient {name!r} ({self.ingredients[name].path})"
                     raise IngredientCorrupt(f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s)")
         raise MergeError(f"merge ({self.method.decl.name}): tensor {keys[0]!r}: the merged values overflow {dtype}")
+
+
+def _windows(out: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """The pieces a streamed merge reads a tensor in: WINDOW elements (16 times more on a GPU)."""
+    window = WINDOW if out.device.type == "cpu" else WINDOW << 4
+    for begin in range(0, out.numel(), window):
+        yield begin, min(begin + window, out.numel())
 
 
 def _bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from tureen.core.adapters import AdaptedTensors
 from tureen.core.ingredients import Ingredient
 from tureen.errors import IngredientMismatch
+from tureen.merge.registry import REGISTRY
 from tureen.spec import FrozenDict, Slice, SoupSpec
 
 _NUMBERED = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
@@ -51,6 +53,7 @@ class Part:
 
 def parts(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> list[Part]:
     """The parts ``spec`` merges, in the blend's order (see the module's docstring)."""
+    ingredients = exact_deltas(spec, ingredients)
     if spec.merge.slices is None:
         return [Part(spec, {ref.name: ingredients[ref.name] for ref in spec.ingredients})]
     slices = spec.merge.slices
@@ -65,6 +68,28 @@ def parts(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> list[Part]:
     if after:
         result.append(_outer(spec, slices[-1], ingredients, after))
     return result
+
+
+def exact_deltas(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> Mapping[str, Ingredient]:
+    """For a task-vector method, LoRA adapters on the merge's base give their low-rank update
+    itself as their task vector (``base + scale * B @ A`` unrounded), not the difference of two
+    rounded weights, which loses small updates in 16-bit dtypes."""
+    method = REGISTRY.get(spec.merge.method)  # a search (greedy, learned) merges linearly
+    if method is None or not method.record.task_vectors:
+        return ingredients
+    on_base = {ref.name for ref in spec.ingredients if ref.base is not None and ref.base == spec.merge.base}
+    on_base |= {
+        source.ingredient
+        for piece in spec.merge.slices or ()
+        for source in piece.sources
+        if any(r.name == source.ingredient and r.base == (piece.base or spec.merge.base) for r in spec.ingredients)
+    }
+    exact = {}
+    for name in on_base:
+        tensors = ingredients[name].tensors
+        if isinstance(tensors, AdaptedTensors):
+            exact[name] = replace(ingredients[name], tensors=tensors.exactly())
+    return {**ingredients, **exact} if exact else ingredients
 
 
 def layer_prefix(layout: Mapping[str, torch.Tensor], where: str) -> str:

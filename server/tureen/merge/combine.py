@@ -11,8 +11,8 @@ import torch
 
 from tureen.merge import linear as _linear
 from tureen.merge import others, spherical
-from tureen.merge.job import Combine, TensorJob
-from tureen.merge.sparsify import Magnitude, Magnitudes, Outliers, Random, Ranked, stable_seed32
+from tureen.merge.job import Combine, Fit, TensorJob
+from tureen.merge.sparsify import Magnitude, Magnitudes, Outliers, Random, Ranked, kth_magnitudes, stable_seed32
 from tureen.merge.task_vectors import Sparsifier, task_vector_merge
 
 
@@ -64,6 +64,7 @@ def _sparsifiers(kind: str, job: TensorJob) -> list[Sparsifier | None]:
 
 def _task_vectors(sparsify: str | None, signs: bool) -> Combine:
     def combine(job: TensorJob) -> torch.Tensor:
+        fitted = job.fitted if job.fitted is not None else (_sparsifiers(sparsify, job) if sparsify else None)
         return task_vector_merge(
             _base(job),
             job.tensors,
@@ -71,12 +72,35 @@ def _task_vectors(sparsify: str | None, signs: bool) -> Combine:
             lam=job.glob["lambda"],
             normalize=job.glob["normalize"],
             consensus=job.glob["majority_sign"] if signs else None,
-            sparsifiers=_sparsifiers(sparsify, job) if sparsify else None,
+            sparsifiers=fitted,
             out=job.out,
             compiled=job.compiled,
+            offset=job.offset,
         )
 
     return combine
+
+
+def _fit(kind: str) -> Fit:
+    """A sparsifying method's per-tensor fit from a sweep over the tensor's pieces (two for
+    magnitude thresholds, none for random masks), so that a merge from disk streams the tensor.
+    None where it needs the whole tensor at once: DELLA's ranks, or a sampled ranking."""
+
+    def fit(job: TensorJob) -> list[Sparsifier | None] | None:
+        if kind == "ranked" or int(job.glob.get("rank_sample", 0)) > 0 or job.sweep is None or job.out is None:
+            return None
+        if kind == "random":
+            return _sparsifiers(kind, job)
+        count = job.out.numel()
+        if kind == "magnitude":
+            wanted = [Magnitude.ranks(count, d) if d < 1.0 else () for d in job.per["density"]]
+        else:
+            wanted = [Outliers.ranks(count, d, g) for d, g in zip(job.per["density"], job.per["gamma"], strict=True)]
+        values = kth_magnitudes(job.sweep, wanted, count)
+        made = Magnitude.of if kind == "magnitude" else Outliers.of
+        return [made(v) if ks else None for ks, v in zip(wanted, values, strict=True)]
+
+    return fit
 
 
 def linear(job: TensorJob) -> torch.Tensor:
@@ -91,6 +115,9 @@ breadcrumbs = _task_vectors("outliers", signs=False)
 breadcrumbs_ties = _task_vectors("outliers", signs=True)
 della = _task_vectors("ranked", signs=True)
 della_linear = _task_vectors("ranked", signs=False)
+fit_ties = _fit("magnitude")
+fit_dare = _fit("random")
+fit_breadcrumbs = _fit("outliers")
 
 
 def slerp(job: TensorJob) -> torch.Tensor:

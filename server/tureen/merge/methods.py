@@ -45,10 +45,19 @@ class MergeMethod:
     """Each output entry depends only on the same entry of the inputs and on the parameters (no
     per-tensor statistics, no per-tensor seeds): tensors with equal parameters may be merged
     as one long tensor."""
+    fit: str | None = None
+    """``module:function`` fitting what a tensor's merge needs from the whole tensor (thresholds)
+    over a sweep of its pieces; then the merge runs piece by piece, so ingredients on disk stream
+    like an elementwise method's (see ``tureen.merge.job.Fit``). None: merged whole."""
     compile_from: int | None = None
     """Under ``--merge-kernels auto``, CPU merges reading at least this many bytes use the compiled
     kernel: where its first compile (seconds; later ones come from PyTorch's on-disk cache) is won
     back by its speed over the eager path. None: eager always (no compiled kernel, or no gain)."""
+
+    @property
+    def task_vectors(self) -> bool:
+        """It merges ``theta_i - base`` scaled by ``lambda`` (task arithmetic, TIES, DARE, ...)."""
+        return "lambda" in self.decl.by_name
 
 
 def _weight() -> Param:
@@ -142,30 +151,35 @@ METHODS: tuple[MergeMethod, ...] = (
         _task_vector("ties", "trim, elect signs, disjoint mean (TIES-Merging)", _TRIM, True, True, False),
         f"{_COMBINE}:ties",
         TIES,
+        fit=f"{_COMBINE}:fit_ties",
         compile_from=COMPILE_SPARSE,
     ),
     MergeMethod(
         _task_vector("dare_linear", "random drop and rescale, then task arithmetic (DARE)", (_density(),), False, False, True),
         f"{_COMBINE}:dare_linear",
         DARE,
+        fit=f"{_COMBINE}:fit_dare",
         compile_from=COMPILE_SPARSE,
     ),
     MergeMethod(
         _task_vector("dare_ties", "random drop and rescale, then TIES sign election (DARE)", (_density(),), True, False, True),
         f"{_COMBINE}:dare_ties",
         DARE,
+        fit=f"{_COMBINE}:fit_dare",
         compile_from=COMPILE_SPARSE,
     ),
     MergeMethod(
         _task_vector("breadcrumbs", "drop tiny and outlier entries, then task arithmetic", _CRUMBS, False, False, False),
         f"{_COMBINE}:breadcrumbs",
         BREADCRUMBS,
+        fit=f"{_COMBINE}:fit_breadcrumbs",
         compile_from=COMPILE_SPARSE,
     ),
     MergeMethod(
         _task_vector("breadcrumbs_ties", "breadcrumbs sparsification with sign election", _CRUMBS, True, False, False),
         f"{_COMBINE}:breadcrumbs_ties",
         BREADCRUMBS,
+        fit=f"{_COMBINE}:fit_breadcrumbs",
         compile_from=COMPILE_SPARSE,
     ),
     MergeMethod(

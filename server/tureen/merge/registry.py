@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from tureen.merge.job import Combine, TensorJob
+from tureen.merge.job import Combine, Fit, TensorJob
 from tureen.merge.methods import METHODS, MergeMethod, MethodDecl, named_function
 
 __all__ = ["REGISTRY", "Combine", "Method", "TensorJob", "lookup", "resolve"]
@@ -25,6 +25,7 @@ class Method:
 
     record: MergeMethod
     combine: Combine
+    fit: Fit | None = None
 
     @property
     def decl(self) -> MethodDecl:
@@ -40,7 +41,10 @@ def resolve(reference: str) -> Combine:
     return cast(Combine, named_function(reference))
 
 
-REGISTRY: Mapping[str, Method] = {record.decl.name: Method(record, resolve(record.function)) for record in METHODS}
+REGISTRY: Mapping[str, Method] = {
+    record.decl.name: Method(record, resolve(record.function), cast(Fit, named_function(record.fit)) if record.fit else None)
+    for record in METHODS
+}
 
 
 def lookup(name: str) -> Method:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,8 +21,9 @@ import torch
 
 from tureen.merge.kernels import uniform
 
-RANK_CHUNK = 1 << 20
-"""Entries per step of the exact selection: its temporaries stay a few MiB whatever the tensor."""
+RANK_CHUNK = 1 << 18
+"""Entries per step of the exact selection: its temporaries stay about a MiB whatever the tensor
+(and whatever the piece a streamed merge reads)."""
 
 
 def stable_seed(*parts: object) -> int:
@@ -90,33 +91,65 @@ class Magnitudes:
 
 
 def kth_magnitude(flat: torch.Tensor, base: torch.Tensor, k: int) -> float:
-    """The k-th smallest of ``|flat - base|`` (1-based), exactly; -inf for k <= 0.
+    """The k-th smallest of ``|flat - base|`` (1-based), exactly; -inf for k <= 0."""
 
-    Magnitudes are non-negative float32, whose bit patterns sort as integers do. The first pass
-    counts them by their top 16 bits and finds the bucket holding the k-th; the second counts
-    that bucket's members by their low 16 bits. Both passes go chunk by chunk.
+    def sweep() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        for start in range(0, flat.numel(), RANK_CHUNK):
+            yield [flat[start : start + RANK_CHUNK]], base[start : start + RANK_CHUNK]
+
+    return kth_magnitudes(sweep, [(k,)], flat.numel())[0][0]
+
+
+Sweep = Callable[[], Iterator[tuple[list[torch.Tensor], torch.Tensor]]]
+"""Yields a tensor's pieces in order, each as (the ingredients' pieces, the base's piece)."""
+
+
+def kth_magnitudes(sweep: Sweep, wanted: Sequence[Sequence[int]], count: int) -> list[list[float]]:
+    """For each ingredient, the k-th smallest of ``|theta_i - base|`` for each k it wants
+    (1-based; -inf for k <= 0), exactly, from two sweeps over the pieces.
+
+    Magnitudes are non-negative float32, whose bit patterns sort as integers do. The first sweep
+    counts them by their top 16 bits and finds the bucket holding each k-th; the second counts
+    those buckets' members by their low 16 bits. A sweep holds one piece per ingredient, so the
+    tensor may be read from disk piece by piece, never whole.
     """
+    wanted = [[min(k, count) for k in ks] for ks in wanted]
+    ranked = [i for i, ks in enumerate(wanted) if any(k > 0 for k in ks)]
+    high: dict[int, torch.Tensor] = {}
+    for pieces, base in sweep():
+        for i in ranked:
+            for bits in _bits(pieces[i], base):
+                counts = torch.bincount(bits >> 16, minlength=1 << 15)
+                high[i] = counts if i not in high else high[i].add_(counts)
+    buckets: dict[tuple[int, int], tuple[int, int]] = {}  # (ingredient, k) -> (bucket, entries below it)
+    for i in ranked:
+        cumulative = high[i].cumsum(0)
+        for k in wanted[i]:
+            bucket = int(torch.searchsorted(cumulative, k)) if k > 0 else 0
+            buckets[i, k] = (bucket, int(cumulative[bucket - 1]) if bucket else 0)
+    low: dict[tuple[int, int], torch.Tensor] = {}
+    for pieces, base in sweep():
+        for i in ranked:
+            for bits in _bits(pieces[i], base):
+                for k in {k for k in wanted[i] if k > 0}:
+                    counts = torch.bincount(bits[(bits >> 16) == buckets[i, k][0]] & 0xFFFF, minlength=1 << 16)
+                    low[i, k] = counts if (i, k) not in low else low[i, k].add_(counts)
+    return [[_value(low, buckets, i, k) for k in ks] for i, ks in enumerate(wanted)]
+
+
+def _bits(piece: torch.Tensor, base: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The float32 bits of ``|piece - base|``, RANK_CHUNK entries at a time."""
+    for start in range(0, piece.numel(), RANK_CHUNK):
+        stop = start + RANK_CHUNK
+        yield (piece[start:stop].float() - base[start:stop].float()).abs_().view(torch.int32)
+
+
+def _value(low: dict[tuple[int, int], torch.Tensor], buckets: dict[tuple[int, int], tuple[int, int]], i: int, k: int) -> float:
     if k <= 0:
         return float("-inf")
-    k = min(k, flat.numel())
-    high = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
-    for bits in _magnitude_bits(flat, base):
-        high += torch.bincount(bits >> 16, minlength=1 << 15)
-    cumulative = high.cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, k))
-    below = int(cumulative[bucket - 1]) if bucket else 0
-    low = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
-    for bits in _magnitude_bits(flat, base):
-        low += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    offset = int(torch.searchsorted(low.cumsum(0), k - below))
+    bucket, below = buckets[i, k]
+    offset = int(torch.searchsorted(low[i, k].cumsum(0), k - below))
     return float(torch.tensor([(bucket << 16) | offset], dtype=torch.int32).view(torch.float32))
-
-
-def _magnitude_bits(flat: torch.Tensor, base: torch.Tensor) -> Iterator[torch.Tensor]:
-    for start in range(0, flat.numel(), RANK_CHUNK):
-        stop = start + RANK_CHUNK
-        magnitude = (flat[start:stop].float() - base[start:stop].float()).abs_()
-        yield magnitude.view(torch.int32)
 
 
 def kth_smallest(sample: torch.Tensor, k: int) -> float:
@@ -138,9 +171,16 @@ class Magnitude:
 
     @classmethod
     def fit(cls, magnitudes: Magnitudes, density: float) -> Magnitude:
-        count = magnitudes.count
-        keep = max(1, int(density * count))  # as TIES does: at least the largest entry survives
-        return cls(magnitudes.kth(count - keep))
+        return cls.of([magnitudes.kth(k) for k in cls.ranks(magnitudes.count, density)])
+
+    @staticmethod
+    def ranks(count: int, density: float) -> tuple[int, ...]:
+        """The ranks whose magnitudes ``of`` needs, of ``count`` entries."""
+        return (count - max(1, int(density * count)),)  # as TIES does: at least the largest entry survives
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Magnitude:
+        return cls(values[0])
 
     def fused(self) -> tuple[float, float, int]:
         return self.threshold, float("inf"), 0
@@ -164,10 +204,17 @@ class Outliers:
 
     @classmethod
     def fit(cls, magnitudes: Magnitudes, density: float, gamma: float) -> Outliers:
-        count = magnitudes.count
+        return cls.of([magnitudes.kth(k) for k in cls.ranks(magnitudes.count, density, gamma)])
+
+    @staticmethod
+    def ranks(count: int, density: float, gamma: float) -> tuple[int, ...]:
         keep, top = int(density * count), int(gamma * count)
         bottom = max(0, count - keep - top)
-        return cls(low=magnitudes.kth(bottom), high=magnitudes.kth(bottom + keep))
+        return bottom, bottom + keep
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Outliers:
+        return cls(low=values[0], high=values[1])
 
     def fused(self) -> tuple[float, float, int]:
         return self.low, self.high, 0

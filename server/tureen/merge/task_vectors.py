@@ -60,8 +60,11 @@ def task_vector_merge(
     out: torch.Tensor | None = None,
     compiled: bool = False,
     chunk: int = CHUNK,
+    offset: int = 0,
 ) -> torch.Tensor:
-    """``base + lam * merged`` written into ``out`` (new float32 when None); see the module docstring."""
+    """``base + lam * merged`` written into ``out`` (new float32 when None); see the module
+    docstring. ``offset``: where these tensors start in the flat tensor they are a piece of (the
+    positions that random masks are drawn by)."""
     if len(tensors) != len(weights) or not tensors:
         raise ValueError(f"one weight per ingredient needed, got {len(weights)} for {len(tensors)}")
     if normalize and consensus is None and sum(weights) == 0:
@@ -69,7 +72,8 @@ def task_vector_merge(
     if out is None:
         out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
     flats = [t.reshape(-1) for t in tensors]
-    fused = compiled and out.numel() >= MIN_ELEMENTS
+    positional = offset and any(getattr(s, "kind", None) in ("random", "ranked") for s in sparsifiers or ())
+    fused = compiled and out.numel() >= MIN_ELEMENTS and not positional  # the kernel draws masks from position 0
     if fused and _merge_fused(out, base, flats, weights, lam, normalize, consensus, sparsifiers):
         return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
@@ -80,7 +84,7 @@ def task_vector_merge(
         deltas = torch.stack([f[start:stop] for f in flats]).float().sub_(b)
         for i, sparsify in enumerate(sparsifiers or ()):
             if sparsify is not None:
-                sparsify.apply(deltas[i], start)
+                sparsify.apply(deltas[i], offset + start)
         flat_out[start:stop] = b.add_(_combine(deltas.mul_(w), w, consensus, normalize), alpha=lam)
     return out
 
