@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     spec = commands.add_parser("spec", help="work with soup specs")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True, metavar="SPEC_COMMAND")
-    convert = spec_commands.add_parser("from-mergekit", help="convert a mergekit config (the 'models' form) into a Tureen spec")
+    convert = spec_commands.add_parser("from-mergekit", help="convert a mergekit config ('models' or 'slices') to a spec")
     convert.add_argument("config", metavar="CONFIG.yml", help="a mergekit YAML config")
     convert.add_argument("-o", "--output", metavar="OUT", help="write the spec here instead of standard output")
     convert.add_argument("--model", help="the model name clients will call (default: the config's file name)")
