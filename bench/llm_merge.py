@@ -12,7 +12,7 @@ bf16, as a sharded Hugging Face directory (``model.safetensors.index.json``, 1 G
   into the blend, build the module on the meta device, warm up;
 - "extra RSS": the server's peak resident memory during the push, beyond what it held before
   and beyond the blend itself (sampled every 20 ms from /proc);
-- "merge s": ``Kitchen.merge`` plus writing the output with ``write_safetensors`` (what
+- "merge s": ``Kitchen.merge`` writing the output as it goes (``SafetensorsWriter``: what
   ``tureen merge`` runs), in this process after its imports;
 
 and for mergekit (from the venv at --mergekit, when it has ``mergekit-yaml``), on the same files
@@ -220,17 +220,19 @@ def _llama(config: dict) -> torch.nn.Module:
 
 
 def tureen_merge(work: Path, names: list[str], method: str, placement: str, out: Path) -> float:
-    """``Kitchen.merge`` + ``write_safetensors`` after imports: what ``tureen merge`` runs."""
-    from tureen.core.checkpoints import write_safetensors
+    """``Kitchen.merge`` writing the output as tensors are final (``SafetensorsWriter``), after
+    imports: what ``tureen merge`` runs."""
     from tureen.core.ingredients import IngredientPool
     from tureen.core.kitchen import Kitchen
     from tureen.core.observer import NullObserver
+    from tureen.core.writer import SafetensorsWriter
     from tureen.spec import parse_spec
 
     spec = parse_spec({k: v for k, v in tureen_spec(work, names, method).items() if k != "architecture"})
     started = time.perf_counter()
-    merged = Kitchen(IngredientPool(torch.device("cpu"), NullObserver(), placement), NullObserver()).merge(spec)
-    write_safetensors(out, merged)
+    writer = SafetensorsWriter(out)
+    Kitchen(IngredientPool(torch.device("cpu"), NullObserver(), placement), NullObserver()).merge(spec, sink=writer)
+    writer.close()
     return time.perf_counter() - started
 
 

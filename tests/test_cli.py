@@ -54,6 +54,19 @@ def test_merge_exports_the_hand_computed_average(tmp_path: Path) -> None:
         assert (tensor.double() - expected[key]).abs().max() < 1e-6
 
 
+def test_a_merge_that_fails_midway_leaves_no_output_file(tmp_path: Path) -> None:
+    # The output is written while the merge runs; a NaN in the last tensor fails it after the
+    # first tensors were written, and neither the file nor its partial copy remains.
+    states = write_ingredients(tmp_path, 2)
+    last = list(states["ft-1"])[-1]
+    save_file({**states["ft-1"], last: torch.full_like(states["ft-1"][last], float("nan"))}, str(tmp_path / "ft-1.safetensors"))
+    document = digits_spec(list(states))
+    del document["architecture"]
+    result = tureen("merge", str(write_spec(tmp_path, document)), "-o", str(tmp_path / "out.safetensors"))
+    assert result.returncode != 0 and f"tensor {last!r} holds" in result.stderr
+    assert not [p.name for p in tmp_path.iterdir() if "out.safetensors" in p.name]
+
+
 def test_merge_casts_to_the_spec_dtype(tmp_path: Path) -> None:
     states = write_ingredients(tmp_path, 2)
     spec = write_spec(tmp_path, digits_spec(list(states), dtype="bfloat16"))

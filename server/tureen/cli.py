@@ -334,11 +334,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from tureen.core.checkpoints import write_safetensors
     from tureen.core.devices import resolve_device
     from tureen.core.ingredients import IngredientPool
     from tureen.core.kitchen import Kitchen
     from tureen.core.observer import NullObserver
+    from tureen.core.writer import SafetensorsWriter
     from tureen.spec import load_spec
 
     started = time.perf_counter()
@@ -348,12 +348,17 @@ def _merge(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     pool = IngredientPool(resolve_device(args.device), NullObserver(), args.ingredient_placement)
     kitchen = Kitchen(pool, NullObserver(), args.merge_kernels)
-    merged = kitchen.merge(spec, tokenizer_to=output.parent)
     metadata = {"tureen.model": spec.model, "tureen.spec": spec.model_dump_json(by_alias=True)}
+    writer = SafetensorsWriter(output, metadata)  # writes each tensor while the next ones merge
     try:
-        write_safetensors(output, merged, metadata)
+        merged = kitchen.merge(spec, tokenizer_to=output.parent, sink=writer)
+        writer.close()
     except OSError as exc:
+        writer.abort()
         raise SoupError(f"-o: cannot write {output}: {exc.strerror or exc}") from None
+    except BaseException:
+        writer.abort()
+        raise
     summary = {
         "output": args.output,
         "model": spec.model,

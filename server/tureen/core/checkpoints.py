@@ -178,9 +178,9 @@ def _entry(raw: object) -> Entry | None:
     return Entry(dtype, size, offsets[0], offsets[1])
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` as a safetensors file, tensor by tensor (a GPU tensor block by block), so
-    writing costs no second copy of the blend in memory; the file appears whole or not at all."""
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header of a safetensors file of ``tensors``, in their order;
+    the data starts 8-byte aligned after it, as the format's own writer does."""
     header: dict[str, object] = {}
     offset = 0
     for name, tensor in tensors.items():
@@ -190,10 +190,16 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     if metadata:
         header["__metadata__"] = dict(metadata)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's own writer does
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, tensor by tensor (a GPU tensor block by block), so
+    writing costs no second copy of the blend in memory; the file appears whole or not at all."""
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(safetensors_header(tensors, metadata))
         for tensor in tensors.values():
             flat = tensor.detach().contiguous().view(-1).view(torch.uint8)
             for begin in range(0, flat.numel(), WRITE_BLOCK):

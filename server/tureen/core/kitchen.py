@@ -23,7 +23,7 @@ from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient, IngredientPool
 from tureen.core.observer import Observer
 from tureen.core.prepare import Prepared, prepare
-from tureen.core.recipe import mix
+from tureen.core.recipe import Sink, mix
 from tureen.core.search import Resolution, needs_search, resolved_spec, search
 from tureen.core.slices import parts
 from tureen.errors import ArchitectureError, MergeError, OutOfMemory, SoupError, SpecInvalid
@@ -56,10 +56,11 @@ class Kitchen:
         self._observer = observer
         self.kernels: Kernels = kernels
 
-    def merge(self, spec: SoupSpec, tokenizer_to: Path | None = None) -> dict[str, torch.Tensor]:
+    def merge(self, spec: SoupSpec, tokenizer_to: Path | None = None, sink: Sink | None = None) -> dict[str, torch.Tensor]:
         """The merged state dict alone, checked across ingredients only (no architecture needed,
         except by a searched recipe, which runs the model on its evaluation data). With
-        ``tokenizer_to``, a spec's ``tokenizer`` (the blend's vocabulary) is saved in that folder."""
+        ``tokenizer_to``, a spec's ``tokenizer`` (the blend's vocabulary) is saved in that folder;
+        ``sink`` hears of each tensor as it is final (``tureen merge`` writes it meanwhile)."""
         searched = needs_search(spec)
         if searched and (spec.architecture is None or spec.evaluation is None):
             raise SpecInvalid([f"architecture: merge.method {spec.merge.method!r} runs the model; give an architecture"])
@@ -68,7 +69,7 @@ class Kitchen:
             assert prepared.evaluator is not None
             found = run_search(spec, prepared.ingredients, self.pool.device, prepared.evaluator, _stage(None, 0.0, 1.0))
             spec = resolved_spec(spec, found.merge)
-        merged = mix(spec, prepared.ingredients, kernels=self.kernels)
+        merged = mix(spec, prepared.ingredients, kernels=self.kernels, sink=sink)
         if tokenizer_to is not None and prepared.vocabulary is not None:
             base = next(ref for ref in spec.ingredients if ref.name == (spec.merge.base or spec.ingredients[0].name))
             where = Path(base.location)

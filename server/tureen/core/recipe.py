@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -81,6 +81,7 @@ def mix(
     into: Mapping[str, torch.Tensor] | None = None,
     quiet: bool = False,
     progress: Callable[[str, float], None] | None = None,
+    sink: Sink | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge the ingredients' tensors by the spec's method into the spec's dtype.
 
@@ -102,8 +103,10 @@ def mix(
         ingredient.verify()
     compiled = _use_compiled(kernels, spec, ingredients)
     meter = _Meter(sum(_bytes(part.layout.values()) * len(part.ingredients) for part in found), progress)
+    if sink is not None:
+        sink.begin(merged)
     for part in found:
-        _merge_part(part, method, merged, compiled, meter)
+        _merge_part(part, method, merged, compiled, meter, sink)
     for ingredient in used:
         ingredient.verify()  # a file that changed while it was read gives a blend of two versions: refused
     parameters = sum(t.numel() for t in merged.values())
@@ -121,7 +124,17 @@ def mix(
     return merged
 
 
-def _merge_part(part: Part, method: Method, merged: dict[str, torch.Tensor], compiled: bool, meter: _Meter) -> None:
+class Sink(Protocol):
+    """Hears of the blend's tensors as a merge allocates them, then as each is final (a writer)."""
+
+    def begin(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def ready(self, keys: Sequence[str]) -> None: ...
+
+
+def _merge_part(
+    part: Part, method: Method, merged: dict[str, torch.Tensor], compiled: bool, meter: _Meter, sink: Sink | None
+) -> None:
     """Write one part's tensors into the blend (see ``tureen.core.slices``)."""
     layout = part.layout
     plan = ParameterPlan(part.spec, list(layout), part.positions)
@@ -143,6 +156,8 @@ def _merge_part(part: Part, method: Method, merged: dict[str, torch.Tensor], com
             _check_agree(part, group[0])
             merged[group[0]].copy_(part.ingredients[part.source].whole(group[0]))
         meter.read(_bytes(layout[k] for k in group) * len(part.ingredients))
+        if sink is not None:
+            sink.ready(group)
 
 
 class _Meter:
