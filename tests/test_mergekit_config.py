@@ -99,7 +99,9 @@ def test_lora_references_become_adapter_ingredients() -> None:
     assert spec.merge.base == "llama" and dict(spec.ingredients[2].parameters) == {"weight": 2}
     spec, notes = from_mergekit({"merge_method": "linear", "models": models}, "m")
     assert dict(spec.ingredients[0].parameters) == {"weight": 0.0} and any("weight 0" in n for n in notes)
-    with pytest.raises(SpecInvalid, match="'llama' is only the base of LoRA references; 'slerp' has no weights"):
+    with pytest.raises(
+        SpecInvalid, match="'llama' is only the base of LoRA references or the tokenizer source; 'slerp' has no weights"
+    ):
         from_mergekit({"merge_method": "slerp", "models": models, "parameters": {"t": 0.5}}, "m")
 
 
@@ -108,6 +110,11 @@ def test_a_tokenizer_source_becomes_the_specs_tokenizer_section() -> None:
     assert from_mergekit(config, "m")[0].tokenizer.source == "union"  # type: ignore[union-attr]
     config = {**yaml.safe_load(CONFIG), "tokenizer": {"source": "ft-1.safetensors"}}
     assert from_mergekit(config, "m")[0].tokenizer.source == "ft-1"  # type: ignore[union-attr]
+    # A model named only as the tokenizer source is no input of the merge: weight 0.
+    spec, notes = from_mergekit({**yaml.safe_load(CONFIG), "tokenizer_source": "chat-model"}, "m")
+    assert any("weight 0" in note for note in notes)
+    assert spec.tokenizer.source == "chat-model"  # type: ignore[union-attr]
+    assert dict(next(i for i in spec.ingredients if i.name == "chat-model").parameters) == {"weight": 0.0}
 
 
 def test_linear_takes_its_base_model_as_an_ingredient() -> None:

@@ -64,7 +64,9 @@ def from_mergekit(config: Mapping[str, Any], model: str, source: str = "mergekit
     if base is not None and method in BASE_AS_INGREDIENT:
         refs.ingredient(str(base), "base_model")
         refs.notes.append(f"base_model: mergekit treats it as one more input of {method!r}; listed as an ingredient")
-    _weigh_out(refs.helpers - {merge.get("base")}, refs.ingredients, declared, method, refs.notes, source)
+    tokenizer = _tokenizer(config, refs)
+    if "slices" not in config:  # a slice names its sources: a model outside them is no input anyway
+        _weigh_out(refs.helpers - {merge.get("base")}, refs.ingredients, declared, method, refs.notes, source)
     if parameters:
         merge["parameters"] = parameters
     if own_overrides or overrides:
@@ -76,7 +78,6 @@ def from_mergekit(config: Mapping[str, Any], model: str, source: str = "mergekit
         "merge": merge,
         "dtype": _dtype(config, source),
     }
-    tokenizer = _tokenizer(config, refs)
     if tokenizer is not None:
         document["tokenizer"] = {"source": tokenizer}
     for key, why in DROPPED.items():
@@ -223,25 +224,26 @@ def _tokenizer(config: Mapping[str, Any], refs: _References) -> str | None:
         value = config.get("tokenizer_source")
     if value is None or value in ("base", "union"):
         return value
-    return refs.ingredient(str(value), "tokenizer_source")
+    return refs.ingredient(str(value), "tokenizer_source", helper=True)  # a model named only here is no input
 
 
 def _weigh_out(
     helpers: set[str], ingredients: list[dict[str, Any]], declared: Mapping[str, Any], method: str, notes: list[str], source: str
 ) -> None:
-    """Models that are only the base of LoRA references take part with weight 0."""
+    """Models that are only the base of LoRA references, or only the tokenizer source, take part with weight 0."""
     for name in sorted(helpers):
         if "weight" not in declared:
             raise SpecInvalid(
                 [
-                    f"models: {name!r} is only the base of LoRA references; {method!r} has no weights to leave it out with "
+                    f"models: {name!r} is only the base of LoRA references or the tokenizer source; {method!r} has no "
+                    "weights to leave it out with "
                     "(make it the base_model)"
                 ],
                 source,
             )
         item = next(x for x in ingredients if x["name"] == name)
         item.setdefault("parameters", {})["weight"] = 0.0
-        notes.append(f"models: {name!r} is only the base of LoRA references: an ingredient with weight 0")
+        notes.append(f"models: {name!r} is only the base of LoRA references or the tokenizer source: an ingredient with weight 0")
 
 
 def _refuse_unconvertible(config: Mapping[str, Any], source: str) -> None:

@@ -71,9 +71,7 @@ class Kitchen:
             spec = resolved_spec(spec, found.merge)
         merged = mix(spec, prepared.ingredients, kernels=self.kernels, sink=sink)
         if tokenizer_to is not None and prepared.vocabulary is not None:
-            base = next(ref for ref in spec.ingredients if ref.name == (spec.merge.base or spec.ingredients[0].name))
-            where = Path(base.location)
-            prepared.vocabulary.save(tokenizer_to, where if where.is_dir() else where.parent)
+            prepared.vocabulary.save(tokenizer_to)
         return merged
 
     def build(

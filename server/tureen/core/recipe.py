@@ -251,10 +251,8 @@ class _Pass:
                 self._run(key, [key], tensors, base, out, glob, per)
                 return
         flat = out.view(-1)
-        base_name = str(self.plan.spec.merge.base)
         for begin, end in _windows(out):
-            pieces = [self._window(name, key, begin, end) for name in self.names]
-            base = self._window(base_name, key, begin, end) if self.base is not None else None
+            pieces, base = self._pieces(key, begin, end)
             self._run(key, [key], pieces, base, flat[begin:end], glob, per, offset=begin, fitted=fitted)
 
     def _fit(self, key: str, glob: dict[str, Any], per: dict[str, list[Any]], out: torch.Tensor) -> Sequence[Any] | None:
@@ -262,11 +260,12 @@ class _Pass:
         it has none or needs the whole tensor."""
         if self.method.fit is None or self.base is None:
             return None
-        base = str(self.plan.spec.merge.base)
 
         def sweep() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
             for begin, end in _windows(out):
-                yield [self._window(name, key, begin, end) for name in self.names], self._window(base, key, begin, end)
+                pieces, base = self._pieces(key, begin, end)
+                assert base is not None  # checked above
+                yield pieces, base
 
         return self.method.fit(self._job(key, [], None, out, glob, per, sweep=sweep))
 
@@ -281,6 +280,12 @@ class _Pass:
         **more: Any,
     ) -> TensorJob:
         return TensorJob(label, tensors, self.names, base, glob, per, out=out, compiled=self.compiled, **more)
+
+    def _pieces(self, key: str, begin: int, end: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Elements ``[begin, end)`` of ``key`` in each mixed ingredient, and in the base when there is one."""
+        pieces = [self._window(name, key, begin, end) for name in self.names]
+        base = self._window(str(self.plan.spec.merge.base), key, begin, end) if self.base is not None else None
+        return pieces, base
 
     def _window(self, name: str, key: str, begin: int, end: int) -> torch.Tensor:
         return self.ingredients[name].window(key, begin, end, self.scratch.setdefault(name, {}))

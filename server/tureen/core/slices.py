@@ -59,7 +59,7 @@ def parts(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> list[Part]:
     slices = spec.merge.slices
     first = ingredients[slices[0].sources[0].ingredient].layout
     prefix = layer_prefix(first, f"ingredient {slices[0].sources[0].ingredient!r}")
-    before, after = _outside(first, prefix)
+    before, after = _outside(first)
     result = [_outer(spec, slices[0], ingredients, before)] if before else []
     offset = 0
     for i, piece in enumerate(slices):
@@ -77,13 +77,8 @@ def exact_deltas(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> Mappi
     method = REGISTRY.get(spec.merge.method)  # a search (greedy, learned) merges linearly
     if method is None or not method.record.task_vectors:
         return ingredients
-    on_base = {ref.name for ref in spec.ingredients if ref.base is not None and ref.base == spec.merge.base}
-    on_base |= {
-        source.ingredient
-        for piece in spec.merge.slices or ()
-        for source in piece.sources
-        if any(r.name == source.ingredient and r.base == (piece.base or spec.merge.base) for r in spec.ingredients)
-    }
+    bases = {spec.merge.base, *(piece.base for piece in spec.merge.slices or ())} - {None}
+    on_base = {ref.name for ref in spec.ingredients if ref.base in bases}
     exact = {}
     for name in on_base:
         tensors = ingredients[name].tensors
@@ -92,10 +87,21 @@ def exact_deltas(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> Mappi
     return {**ingredients, **exact} if exact else ingredients
 
 
+def _prefixes(layout: Mapping[str, torch.Tensor]) -> set[str]:
+    """The prefixes under which tensor names carry a layer number (``model.layers``)."""
+    return {found.group(1) for key in layout if (found := _NUMBERED.match(key))}
+
+
+def outside_layers(layout: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors outside every stack of numbered layers (embeddings, norms, heads), in order."""
+    prefixes = tuple(prefix + "." for prefix in _prefixes(layout))
+    return [key for key in layout if not key.startswith(prefixes)]
+
+
 def layer_prefix(layout: Mapping[str, torch.Tensor], where: str) -> str:
     """The prefix of the numbered layers (``model.layers``): the one prefix under which names
     carry a number; models with two such stacks (encoder and decoder) are refused."""
-    prefixes = {found.group(1) for key in layout if (found := _NUMBERED.match(key))}
+    prefixes = _prefixes(layout)
     if len(prefixes) != 1:
         what = "no numbered layers" if not prefixes else f"several stacks of numbered layers ({', '.join(sorted(prefixes))})"
         raise IngredientMismatch(f"merge.slices: {where} has {what}; slices need one stack of layers")
@@ -112,16 +118,13 @@ def layers_of(layout: Mapping[str, torch.Tensor], prefix: str) -> dict[int, list
     return found
 
 
-def _outside(layout: Mapping[str, torch.Tensor], prefix: str) -> tuple[list[str], list[str]]:
+def _outside(layout: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """Tensors outside the layers: (before them, after them). Embeddings come before (their
     names say ``embed``, or GPT-2's ``wte``/``wpe``), everything else (norms, heads) after."""
     before: list[str] = []
     after: list[str] = []
-    for key in layout:
-        if key.startswith(prefix + "."):
-            continue
-        leaf = key.split(".")
-        (before if "embed" in key or any(part in ("wte", "wpe") for part in leaf) else after).append(key)
+    for key in outside_layers(layout):
+        (before if "embed" in key or any(part in ("wte", "wpe") for part in key.split(".")) else after).append(key)
     return before, after
 
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from tureen.core.ingredients import Ingredient
-from tureen.core.slices import layer_prefix
-from tureen.errors import IngredientMismatch, IngredientMissing
+from tureen.core.slices import outside_layers
+from tureen.errors import IngredientCorrupt, IngredientMismatch, IngredientMissing
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.vocabulary")
@@ -37,17 +37,18 @@ _log = logging.getLogger("tureen.vocabulary")
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """The blend's tokenizer and, per ingredient, the row it reads for each of its tokens (-1: none)."""
+    """The blend's tokenizer."""
 
     tokenizer: Any  # tokenizers.Tokenizer
-    rows: Mapping[str, list[int]]
+    base_folder: Path
+    """Where the base's tokenizer came from."""
 
-    def save(self, folder: Path, like: Path | None) -> None:
-        """``tokenizer.json`` into ``folder``, with the ``tokenizer_config.json`` of ``like`` (the
-        base's folder) minus its list of added tokens, which the new tokenizer.json holds."""
+    def save(self, folder: Path) -> None:
+        """``tokenizer.json`` into ``folder``, with the base's ``tokenizer_config.json`` minus its
+        list of added tokens, which the new tokenizer.json holds."""
         self.tokenizer.save(str(folder / "tokenizer.json"))
-        config = like / "tokenizer_config.json" if like is not None else None
-        if config is not None and config.is_file():
+        config = self.base_folder / "tokenizer_config.json"
+        if config.is_file():
             settings = json.loads(config.read_text())
             settings.pop("added_tokens_decoder", None)
             (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
@@ -60,7 +61,7 @@ def align(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> tuple[dict[s
         return dict(ingredients), None
     names = [ref.name for ref in spec.ingredients]
     base = spec.merge.base or names[0]
-    found = {ref.name: _tokenizer_of(ref.location, ref.base, spec) for ref in spec.ingredients}
+    found = {ref.name: _tokenizer_of(_folder(ref.location), ref.base, spec) for ref in spec.ingredients}
     found = {name: tok if tok is not None else found[base] for name, tok in found.items()}
     if found[base] is None:
         raise IngredientMissing(f"tokenizer: the base {base!r} has no tokenizer.json beside its weights")
@@ -73,40 +74,43 @@ def align(spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> tuple[dict[s
     shared = _Rows(rows, ingredients, spec.merge.base, len(target))
     aligned = {name: _aligned(ingredients[name], shared, name, sizes[name]) for name in names}
     _log.info("tokenizer: %s, %d tokens (ingredients had %s)", source, len(target), sorted(set(sizes.values())))
-    return {**ingredients, **aligned}, Vocabulary(out, rows)
+    base_ref = next(ref for ref in spec.ingredients if ref.name == base)
+    return {**ingredients, **aligned}, Vocabulary(out, _folder(base_ref.location))
 
 
-def _tokenizer_of(location: str, base: str | None, spec: SoupSpec) -> Any:
-    """The tokenizer beside an ingredient's weights (its folder, or the file's), None if there is
-    none (mergekit then assumes the base's); an adapter without one has its base's."""
+def _folder(location: str) -> Path:
+    """The folder beside an ingredient's weights: the ingredient itself, or its file's folder."""
+    path = Path(location)
+    return path if path.is_dir() else path.parent
+
+
+def _tokenizer_of(folder: Path, base: str | None, spec: SoupSpec) -> Any:
+    """The tokenizer beside an ingredient's weights, None if there is none (mergekit then
+    assumes the base's); an adapter without one has its base's."""
     from tokenizers import Tokenizer
 
-    path = Path(location)
-    folder = path if path.is_dir() else path.parent
     file = folder / "tokenizer.json"
     if file.is_file():
         try:
             return Tokenizer.from_file(str(file))
         except Exception as exc:
-            raise IngredientMissing(f"tokenizer: cannot read {file}: {exc}") from None
+            raise IngredientCorrupt(f"tokenizer: cannot read {file}: {exc}") from None
     if base is not None:
         ref = next(r for r in spec.ingredients if r.name == base)
-        return _tokenizer_of(ref.location, None, spec)
+        return _tokenizer_of(_folder(ref.location), None, spec)
     return None
 
 
 def _vocab_size(spec: SoupSpec, name: str, ingredient: Ingredient) -> int:
-    """Rows of the ingredient's embeddings: ``vocab_size`` of its config.json, else its tokenizer's size."""
+    """Rows of the ingredient's embeddings: ``vocab_size`` of its config.json, else the most rows
+    of a matrix outside the layers."""
     ref = next(r for r in spec.ingredients if r.name == name)
-    path = Path(ref.location)
-    config = (path if path.is_dir() else path.parent) / "config.json"
+    config = _folder(ref.location) / "config.json"
     if config.is_file():
         size = json.loads(config.read_text()).get("vocab_size")
         if isinstance(size, int) and size > 0:
             return size
-    prefix = layer_prefix(ingredient.layout, f"ingredient {name!r}")
-    rows = {t.shape[0] for k, t in ingredient.layout.items() if not k.startswith(prefix + ".") and t.dim() == 2}
-    return max(rows)
+    return max(ingredient.layout[k].shape[0] for k in outside_layers(ingredient.layout) if ingredient.layout[k].dim() == 2)
 
 
 def _kept(tokenizer: Any, size: int) -> dict[str, int]:
@@ -129,15 +133,12 @@ def _union(found: Mapping[str, Any], vocabs: Mapping[str, dict[str, int]], base:
     plain: dict[str, None] = {}
     added: dict[str, Any] = {}
     for name in [base, *[n for n in vocabs if n != base]]:
-        special = {
-            info.content: info
-            for i, info in found[name].get_added_tokens_decoder().items()
-            if vocabs[name].get(info.content) == i
-        }
+        decoder = sorted(found[name].get_added_tokens_decoder().items())  # by id: the Rust map has no order
+        own = {info.content: info for i, info in decoder if vocabs[name].get(info.content) == i}
         for token, _ in sorted(vocabs[name].items(), key=lambda item: item[1]):
-            if token not in special:
+            if token not in own:
                 plain.setdefault(token, None)
-        for token, info in special.items():
+        for token, info in own.items():
             added.setdefault(token, info)
     new = [token for token in plain if token not in present and token not in added]
     if new:
@@ -226,18 +227,17 @@ class _Vocabulary(Mapping[str, torch.Tensor]):
 def _aligned(ingredient: Ingredient, shared: _Rows, name: str, size: int) -> Ingredient:
     """``ingredient`` with its vocabulary tensors (a row per token: ``size`` rows, outside the
     layers) read in the blend's vocabulary; its other tensors as they were."""
-    prefix = layer_prefix(ingredient.layout, f"ingredient {name!r}")
+    layout = ingredient.layout
     keys = {
         k
-        for k, t in ingredient.layout.items()
-        if not k.startswith(prefix + ".") and t.is_floating_point() and 1 <= t.dim() <= 2 and t.shape[0] == size
+        for k in outside_layers(layout)
+        if layout[k].is_floating_point() and 1 <= layout[k].dim() <= 2 and layout[k].shape[0] == size
     }
     if not keys:
         raise IngredientMismatch(f"tokenizer: ingredient {name!r} ({ingredient.path}) has no tensor with a row per token")
-    layout = {k: (t.new_empty((shared.size, *t.shape[1:])) if k in keys else t) for k, t in ingredient.layout.items()}
     return replace(
         ingredient,
-        layout=layout,
+        layout={k: (t.new_empty((shared.size, *t.shape[1:])) if k in keys else t) for k, t in layout.items()},
         tensors=_Vocabulary(ingredient.tensors, shared, keys, name),
         shards={k: f for k, f in ingredient.shards.items() if k not in keys},
         computed=True,
