@@ -8,6 +8,8 @@ the same merged weights everywhere) from:
 - ``tureen``: Tureen without batching, and ``tureen-db``: with ``serving.batching`` (delay 0);
 - ``triton`` and ``triton-db``: NVIDIA Triton from nvidia-pytriton, without and with Triton's
   dynamic batcher (100 us), when ``PEERS/pyt`` is a venv with ``nvidia-pytriton``;
+- ``tureen-pb`` and ``triton-pb``: both batchers with one configuration tuned for 16 clients
+  (preferred batch size 16, queue delay 5 ms), the same on both sides;
 - ``kserve``: KServe's ModelServer, when ``PEERS/ksv`` is a venv with ``kserve``;
 - ``mlserver`` and ``mlserver-ab``: Seldon MLServer without and with adaptive batching (64 rows,
   0.5 ms), when ``PEERS/mls`` is a venv with ``mlserver`` (pin ``uvloop==0.21.0`` there: its
@@ -59,6 +61,10 @@ POINTS = [
 ]
 
 
+TUNED = {"max_queue_delay_us": 5000, "preferred_batch_sizes": [16]}
+"""The ``-pb`` servers' batching, given to Tureen and Triton alike."""
+
+
 def prepare(work: Path) -> None:
     """Ingredients, specs, merged weights (for the peers) and perf_analyzer's input rows."""
     from sklearn.datasets import load_digits
@@ -85,6 +91,7 @@ def prepare(work: Path) -> None:
         }
         (work / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         (work / f"{name}-db.yaml").write_text(yaml.safe_dump({**spec, "serving": {"batching": {"max_queue_delay_us": 0}}}))
+        (work / f"{name}-pb.yaml").write_text(yaml.safe_dump({**spec, "serving": {"batching": TUNED}}))
         subprocess.run(
             [
                 sys.executable,
@@ -121,7 +128,7 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 def servers(work: Path, peers: Path) -> dict[str, tuple[list[str], dict[str, str], int, int | None]]:
     """name -> (command, environment, gRPC port, HTTP port)."""
     found: dict[str, tuple[list[str], dict[str, str], int, int | None]] = {}
-    for i, (name, suffix) in enumerate((("tureen", ""), ("tureen-db", "-db"))):
+    for i, (name, suffix) in enumerate((("tureen", ""), ("tureen-db", "-db"), ("tureen-pb", "-pb"))):
         grpc_port, http_port = 18101 + 10 * i, 18100 + 10 * i
         command = [sys.executable, "-m", "tureen", "--log-level", "warning", "serve", "--host", "127.0.0.1"]
         command += [
@@ -142,7 +149,16 @@ def servers(work: Path, peers: Path) -> dict[str, tuple[list[str], dict[str, str
     )
     libpython = sysconfig.get_config_var("LIBDIR") or ""  # the tritonserver stub links the interpreter's libpython
     if (peers / "pyt" / "bin" / "python").exists():
-        for i, (name, flags) in enumerate((("triton", []), ("triton-db", ["--dynamic", "--delay-us", "100"]))):
+        tuned = [
+            "--dynamic",
+            "--delay-us",
+            str(TUNED["max_queue_delay_us"]),
+            "--preferred",
+            *map(str, TUNED["preferred_batch_sizes"]),
+        ]
+        for i, (name, flags) in enumerate(
+            (("triton", []), ("triton-db", ["--dynamic", "--delay-us", "100"]), ("triton-pb", tuned))
+        ):
             grpc_port = 18301 + 10 * i
             command = [
                 str(peers / "pyt" / "bin" / "python"),
@@ -242,6 +258,9 @@ def table(results: dict[tuple[str, int, str, str], list[tuple[float, float]]], n
             ("big", 16, "grpc", "triton-db"),
             1,
         ),
+        ("big c=16: tureen-pb / triton-pb infer/s", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-pb"), 0),
+        ("big c=16: tureen-pb / triton-pb p50", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-pb"), 1),
+        ("big c=16: tureen-pb / triton-db infer/s", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-db"), 0),
         (
             "digits c=1: tureen-db / tureen p50 (target <= 1.05)",
             ("digits", 1, "grpc", "tureen-db"),

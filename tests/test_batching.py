@@ -276,14 +276,29 @@ def test_a_failure_after_routing_is_booked_on_the_version_that_served_it(soup: t
     assert sample(text, "tureen_request_failure_total", model="digits", version="1", reason="invalid_argument") == 1
 
 
-@pytest.mark.parametrize(("pause", "where"), [(0.0, "tureen-serve"), (0.01, "tureen-forward")], ids=["short", "slow"])
+GATHERING = {"batching": {"max_queue_delay_us": 100}}
+
+
+@pytest.mark.parametrize(
+    ("pause", "serving", "where"),
+    [
+        (0.0, None, "tureen-serve"),
+        (0.01, None, "tureen-forward"),
+        (0.01, GATHERING, "tureen-serve"),
+        (0.08, GATHERING, "tureen-forward"),
+    ],
+    ids=["short", "slow", "slow-gathered", "slower-gathered"],
+)
 def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
-    soup: tuple[Path, dict], pause: float, where: str
+    soup: tuple[Path, dict], pause: float, serving: dict | None, where: str
 ) -> None:
+    """A CPU blend that batches with a queue delay keeps forwards of up to 50 ms on the loop."""
     from archs import Recorder
 
     folder, _ = soup
     document = digits_spec(NAMES, architecture={"factory": "archs:recorder", "kwargs": {"hidden": 8, "pause": pause}})
+    if serving is not None:
+        document["serving"] = serving
     with running_app([parse_spec(document, base_dir=folder)], allow_factories=("archs:*",)) as app:
         Recorder.THREADS.clear()
         with grpcclient.InferenceServerClient(f"127.0.0.1:{app.grpc_port}") as client:

@@ -1,7 +1,7 @@
 """NVIDIA Triton (the tritonserver binary in nvidia-pytriton) serving both models from a torch
 function; with ``--dynamic``, Triton's dynamic batcher in front of it.
 
-    python serve_triton.py --weights DIR --grpc-port P --http-port H --metrics-port M [--dynamic --delay-us 100]
+    python serve_triton.py --weights DIR --grpc-port P --http-port H --metrics-port M [--dynamic --delay-us 100 [--preferred 16]]
 """
 
 from __future__ import annotations
@@ -36,8 +36,13 @@ if __name__ == "__main__":
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--dynamic", action="store_true")
     parser.add_argument("--delay-us", type=int, default=100)
+    parser.add_argument("--preferred", type=int, nargs="*", default=[], help="preferred batch sizes")
     args = parser.parse_args()
-    batcher = DynamicBatcher(max_queue_delay_microseconds=args.delay_us) if args.dynamic else None
+    batcher = (
+        DynamicBatcher(max_queue_delay_microseconds=args.delay_us, preferred_batch_size=args.preferred or None)
+        if args.dynamic
+        else None
+    )
     config = TritonConfig(
         grpc_port=args.grpc_port,
         http_port=args.http_port,

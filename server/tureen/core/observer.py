@@ -7,10 +7,24 @@ and never fails a request or a build.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 _log = logging.getLogger("tureen.observer")
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One generation's tokens and, when it ended well, its times from receipt."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    first_token_s: float | None = None
+    gaps_s: Sequence[float] = ()
+    """Between consecutive generated tokens."""
+    total_s: float | None = None
+    """None: it failed or its caller went away."""
 
 
 class Observer(Protocol):
@@ -18,6 +32,12 @@ class Observer(Protocol):
         self, model: str, version: str, reason: str | None, total_s: float, queue_s: float, compute_s: float
     ) -> None:
         """One inference request ended; ``reason`` is None on success, else the error's reason."""
+
+    def generation_finished(self, model: str, version: str, record: GenerationRecord) -> None:
+        """A generation ended (well or not): its tokens and times."""
+
+    def generations_now(self, model: str, version: str, running: int, waiting: int) -> None:
+        """The generation loop of this version runs ``running`` generations, ``waiting`` wait."""
 
     def batch_executed(self, model: str, version: str, size: int) -> None:
         """One forward ran for ``size`` rows (one request's, or a dynamic batch's)."""
@@ -73,6 +93,12 @@ class NullObserver:
         pass
 
     def batch_executed(self, *args: Any) -> None:
+        pass
+
+    def generation_finished(self, *args: Any) -> None:
+        pass
+
+    def generations_now(self, *args: Any) -> None:
         pass
 
     def queue_depth(self, *args: Any) -> None:

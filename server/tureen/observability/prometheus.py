@@ -20,6 +20,8 @@ from prometheus_client import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from tureen.core.observer import GenerationRecord
+from tureen.observability.tokens import TokenMetrics
 from tureen.spec import METRICS
 
 # The *_created series double every counter and histogram for a value nobody charts.
@@ -137,6 +139,7 @@ class PrometheusObserver:
             )
             for name, metric in METRICS.items()
         }
+        self.tokens = TokenMetrics(self.registry)
         self.online = Gauge(
             "tureen_online_accuracy",
             "Rolling accuracy of each version on live requests whose true label came back as feedback.",
@@ -189,6 +192,12 @@ class PrometheusObserver:
         request.observe(total_s)
         queue.observe(queue_s)
         compute.observe(compute_s)
+
+    def generation_finished(self, model: str, version: str, record: GenerationRecord) -> None:
+        self.tokens.finished(model, version, record)
+
+    def generations_now(self, model: str, version: str, running: int, waiting: int) -> None:
+        self.tokens.now(model, version, running, waiting)
 
     def batch_executed(self, model: str, version: str, size: int) -> None:
         child = self._batch_children.get((model, version))

@@ -27,7 +27,7 @@ from tureen.core.engine import Call, Engine
 from tureen.errors import SoupError
 from tureen.spec import spec_from_json
 from tureen.transport import triton
-from tureen.transport.grpc import codec
+from tureen.transport.grpc import codec, text
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -58,15 +58,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=triton.model_config(blend, self._engine.policy_of(blend)))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        if text.is_text(request):
+            return await text.infer(self._engine, request)
         return await self._engine.serve(_call(request, context))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """One response per request, in order; a failed request's error goes in ``error_message``
-        (with the request's id) and the stream goes on, as Triton's does."""
+        """One response per request, in order (a streamed text request: one per chunk of text);
+        a failed request's error goes in ``error_message`` (with the request's id) and the stream
+        goes on, as Triton's does."""
         async for request in requests:
             try:
+                if text.is_text(request):
+                    async for response in text.stream_infer(self._engine, request):
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+                    continue
                 response = await self._engine.serve(_call(request, context))
             except SoupError as exc:
                 yield pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_failed_response(request))

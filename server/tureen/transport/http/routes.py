@@ -28,7 +28,9 @@ from tureen.errors import InvalidRequest
 from tureen.spec import spec_from_json
 from tureen.transport import triton
 from tureen.transport.http import codec
-from tureen.transport.http.status import error_response
+from tureen.transport.http.generate import GenerateRoutes
+from tureen.transport.http.openai import OpenAIRoutes
+from tureen.transport.http.status import error_response, openai_error_response
 
 EXTENSIONS = (*triton.EXTENSIONS, "binary_tensor_data")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -45,6 +47,7 @@ class Routes:
 
     def app(self) -> Starlette:
         model = "/v2/models/{model}"
+        generate = GenerateRoutes(self._engine)
         versioned = (model, model + "/versions/{version}")
         routes = [
             Route("/v2/health/live", self._guard(None, self.live)),
@@ -62,7 +65,12 @@ class Routes:
                 Route(prefix + "/config", self._guard("inference", self.config)),
                 Route(prefix + "/stats", self._guard("inference", self.statistics)),
                 Route(prefix + "/infer", self._guard("inference", self.infer), methods=["POST"]),
+                Route(prefix + "/generate", self._guard("inference", generate.generate), methods=["POST"]),
+                Route(prefix + "/generate_stream", self._guard("inference", generate.generate_stream), methods=["POST"]),
             ]
+        routes += OpenAIRoutes(self._engine, self._repository).routes(
+            lambda handler: self._guard("inference", handler, openai=True)
+        )
 
         async def unrouted(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
@@ -70,8 +78,9 @@ class Routes:
 
         return Starlette(routes=routes, exception_handlers={HTTPException: unrouted})
 
-    def _guard(self, kind: Kind | None, handler: Handler) -> Handler:
-        """``handler`` behind the access rules, with every error as its status and ``{"error": ...}``."""
+    def _guard(self, kind: Kind | None, handler: Handler, openai: bool = False) -> Handler:
+        """``handler`` behind the access rules, with every error as its status and ``{"error": ...}``
+        (the OpenAI routes: OpenAI's error object)."""
         access = self._access
         checked = kind is not None and not access.open_to_all(kind)
 
@@ -82,7 +91,7 @@ class Routes:
                     access.admit(kind, bearer_of(request.headers.get("authorization")), peer)  # type: ignore[arg-type]
                 return await handler(request)
             except Exception as exc:
-                return error_response(exc)
+                return openai_error_response(exc) if openai else error_response(exc)
 
         return guarded
 

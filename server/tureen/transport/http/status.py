@@ -49,3 +49,15 @@ def error_response(exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=status_of(exc), headers=headers)
     _log.exception("unexpected error in an HTTP request")
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def openai_error_response(exc: Exception) -> JSONResponse:
+    """The same status, with OpenAI's error object: message, type, and the field at fault."""
+    if not isinstance(exc, errors.SoupError):
+        return error_response(exc)
+    message = str(exc)
+    head = message.split(":", 1)[0]
+    param = head if message != head and " " not in head else None
+    kind = "invalid_request_error" if status_of(exc) < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": exc.reason}}
+    return JSONResponse(body, status_code=status_of(exc))

@@ -1,0 +1,1 @@
+"""Serving causal-LM blends as LLMs: their tokenizer, sampling, and the generation loop."""

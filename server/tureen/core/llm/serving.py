@@ -1,0 +1,200 @@
+"""Generation requests on the data plane: route, tokenize, check, generate, stream, count.
+
+A transport turns its message into a ``GenerateRequest`` and iterates the ``Stream`` that
+``Generations.start`` returns; the stream names the version that answers before its first
+chunk, finishes on that blend whatever is swapped in meanwhile, and counts the request once
+when it ends: a success, a failure, or a cancellation when its reader stops early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from tureen.core.blends import Blend, BlendRepository
+from tureen.core.llm.generation import Chunk, Generation, Generator
+from tureen.core.llm.sampling import SamplingParameters
+from tureen.core.llm.text import TextCodec
+from tureen.core.observer import GenerationRecord, Observer
+from tureen.core.statistics import StatisticsBook, Timings
+from tureen.errors import ArchitectureError, Cancelled, InvalidRequest, SoupError
+
+PROTOCOL_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
+"""Request parameters tritonclient sets for Triton's scheduler, not for sampling."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    model: str
+    version: str = ""
+    id: str = ""
+    prompt: str | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    """A chat, rendered by the model's chat template (instead of ``prompt``)."""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    prompt_field: str = "text_input"
+    """What the transport calls the prompt, for error messages."""
+    parameters_field: str = "parameters"
+    routing: Mapping[str, str] = field(default_factory=dict)
+    """Request parameters a sticky canary reads."""
+
+
+def generative(blend: Blend) -> str | None:
+    """The Hugging Face directory of a causal-LM blend (its tokenizer's home), else None."""
+    arch = blend.spec.architecture
+    if arch is None or arch.huggingface is None or arch.task != "causal-lm":
+        return None
+    return arch.huggingface
+
+
+@dataclass
+class _Lane:
+    codec: TextCodec
+    generator: Generator
+
+
+class Stream:
+    """One generation as its transport reads it: ``async for chunk in stream``."""
+
+    def __init__(self, owner: Generations, blend: Blend, generation: Generation, received_ns: int) -> None:
+        self.model, self.version = blend.model, blend.version
+        self.prompt_tokens = len(generation.prompt)
+        self.parameters = generation.parameters
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._owner, self._blend, self._generation, self._received = owner, blend, generation, received_ns
+
+    async def text(self) -> str:
+        """The whole generated text, once the generation ends."""
+        async with aclosing(self.chunks()) as chunks:
+            return "".join([chunk.text async for chunk in chunks])
+
+    async def chunks(self) -> AsyncGenerator[Chunk, None]:
+        """The chunks as they come; read it within ``contextlib.aclosing`` so that a reader that
+        stops early cancels the generation at once."""
+        error: SoupError | None = Cancelled("the caller went away before the generation ended")
+        try:
+            while True:
+                item = await self._generation.chunks.get()
+                if isinstance(item, SoupError):
+                    error = item
+                    raise item
+                self.completion_tokens += item.tokens
+                if item.finish_reason is not None:
+                    self.finish_reason, error = item.finish_reason, None
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._generation.cancel()
+            self._owner.finished(self._blend, self._generation, self._received, error)
+
+
+class Generations:
+    """The generation side of the data plane, beside the engine's tensor side."""
+
+    def __init__(self, repository: BlendRepository, statistics: StatisticsBook, observer: Observer) -> None:
+        self._repository = repository
+        self._statistics = statistics
+        self._observer = observer
+        self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
+
+    def start(self, request: GenerateRequest, received_ns: int) -> Stream:
+        """Route and check ``request`` and queue its generation; raises ``SoupError`` (counted)."""
+        blend: Blend | None = None
+        try:
+            blend = self._repository.route(request.model, request.version, request.routing)
+            parameters = SamplingParameters.of(self._sampling(request), request.parameters_field)
+            lane = self._lane(blend)
+            prompt = self._prompt(request, lane.codec, parameters)
+            generation = Generation(prompt, parameters, lane.codec, blend.device)
+        except SoupError as error:
+            self._failed(request.model, blend, received_ns, error)
+            raise
+        lane.generator.submit(generation)
+        return Stream(self, blend, generation, received_ns)
+
+    def _sampling(self, request: GenerateRequest) -> dict[str, Any]:
+        """The request's parameters less those that route it (a sticky canary's key) or belong to
+        the protocol (Triton's scheduling parameters)."""
+        canary = self._repository.canary(request.model)
+        ignored = {*PROTOCOL_PARAMETERS, *([canary.sticky] if canary is not None and canary.sticky else [])}
+        return {name: value for name, value in request.parameters.items() if name not in ignored}
+
+    def codec_of(self, blend: Blend) -> TextCodec:
+        return self._lane(blend).codec
+
+    def _lane(self, blend: Blend) -> _Lane:
+        lane = self._lanes.get(blend)
+        if lane is not None:
+            return lane
+        where = f"model {blend.model!r} version {blend.version}"
+        directory = generative(blend)
+        if directory is None:
+            raise InvalidRequest(f"{where} is not a causal-lm soup: it takes tensors (ModelInfer), not text")
+        try:
+            codec = TextCodec.load(directory)
+        except ArchitectureError as exc:
+            raise InvalidRequest(f"{where} cannot take text: {exc}") from None
+        model, version, observer = blend.model, str(blend.version), self._observer  # the lane must not keep the blend
+
+        def counts(running: int, waiting: int) -> None:
+            observer.generations_now(model, version, running, waiting)
+
+        self._lanes[blend] = lane = _Lane(codec, Generator(blend.module, blend.device, where, counts))
+        return lane
+
+    @staticmethod
+    def _prompt(request: GenerateRequest, codec: TextCodec, parameters: SamplingParameters) -> list[int]:
+        if request.messages is not None:
+            prompt = codec.chat(request.messages)
+        elif request.prompt is not None:
+            prompt = codec.encode(request.prompt)
+        else:
+            raise InvalidRequest(f"{request.prompt_field}: a prompt is required")
+        if not prompt:
+            raise InvalidRequest(f"{request.prompt_field}: the prompt has no tokens")
+        if len(prompt) >= codec.context:
+            raise InvalidRequest(
+                f"{request.prompt_field}: the prompt is {len(prompt)} tokens; the model's context is {codec.context}"
+            )
+        if len(prompt) + parameters.max_tokens > codec.context:
+            field = f"{request.parameters_field}.max_tokens" if request.parameters_field else "max_tokens"
+            raise InvalidRequest(
+                f"{field}: {parameters.max_tokens} tokens after a prompt of {len(prompt)} exceed the model's context"
+                f" of {codec.context}"
+            )
+        return prompt
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    def finished(self, blend: Blend, generation: Generation, received_ns: int, error: SoupError | None) -> None:
+        now = time.perf_counter_ns()
+        times, version = generation.token_ns, str(blend.version)
+        if error is not None:
+            self._failed(blend.model, blend, received_ns, error)
+            self._observer.generation_finished(blend.model, version, GenerationRecord(len(generation.prompt), len(times)))
+            return
+        queue = (generation.started_ns or now) - received_ns
+        timings = Timings(queue, 0, now - (generation.started_ns or now), 0)
+        self._statistics.success(blend.model, blend.version, 1, now - received_ns, timings)
+        self._observer.request_finished(blend.model, version, None, (now - received_ns) / 1e9, queue / 1e9, timings.compute / 1e9)
+        first = (times[0] - received_ns) / 1e9 if times else None
+        gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(times)]
+        record = GenerationRecord(len(generation.prompt), len(times), first, gaps, (now - received_ns) / 1e9)
+        self._observer.generation_finished(blend.model, version, record)
+
+    def _failed(self, model: str, blend: Blend | None, received_ns: int, error: SoupError) -> None:
+        total = time.perf_counter_ns() - received_ns
+        known = self._repository.models()
+        target = blend if blend is not None else known.get(model)
+        if target is not None:
+            self._statistics.failure(target.model, target.version, total)
+        label = model if model in known else ""
+        version = str(target.version) if target is not None else ""
+        self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)

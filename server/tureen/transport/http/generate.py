@@ -1,0 +1,84 @@
+"""Triton's generate extension: ``POST /v2/models/{m}[/versions/{v}]/generate`` and
+``/generate_stream`` (server-sent events), JSON in and out.
+
+The body's keys are the model's inputs (``text_input``, and scalar ones such as ``max_tokens``)
+with request ``parameters`` beside them, as Triton maps them; the answer carries
+``model_name``, ``model_version`` and ``text_output``. A stream sends one event per chunk of
+text; an error after the first event is an event of its own (``{"error": ...}``), as Triton's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tureen.core.engine import Engine
+from tureen.core.llm.serving import GenerateRequest, Stream
+from tureen.errors import InvalidRequest, SoupError
+from tureen.transport.http import codec
+from tureen.transport.text import TEXT_INPUT, TEXT_OUTPUT, sampling_fields
+
+
+class GenerateRoutes:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def generate(self, request: Request) -> Response:
+        generate, controls = await _decode(request)
+        if generate.parameters.get("stream"):
+            raise InvalidRequest("parameters.stream: /generate answers once; use /generate_stream to stream")
+        stream = self._engine.generate(generate, time.perf_counter_ns())
+        text = await stream.text()
+        prefix = "" if controls.get("exclude_input_in_output") else generate.prompt or ""
+        return JSONResponse(_body(stream, generate.id, prefix + text))
+
+    async def generate_stream(self, request: Request) -> Response:
+        generate, _ = await _decode(request, stream=True)
+        stream = self._engine.generate(generate, time.perf_counter_ns())
+        return StreamingResponse(_events(stream, generate.id), media_type="text/event-stream")
+
+
+async def _decode(request: Request, stream: bool = False) -> tuple[GenerateRequest, dict[str, Any]]:
+    document = codec.json_object(await request.body())
+    inputs = dict(document)
+    parameters = inputs.pop("parameters", None) or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("parameters: expected an object")
+    request_id = inputs.pop("id", "")
+    prompt = inputs.pop(TEXT_INPUT, None)
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"{TEXT_INPUT}: expected a string")
+    fields, controls = sampling_fields(inputs, parameters, "parameters")
+    if stream:
+        fields["stream"] = True
+    model, version = request.path_params["model"], request.path_params.get("version", "")
+    routing = {name: str(value) for name, value in parameters.items()}
+    generate = GenerateRequest(model, version, str(request_id), prompt=prompt, parameters=fields, routing=routing)
+    return generate, controls
+
+
+def _body(stream: Stream, request_id: str, text: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model_name": stream.model, "model_version": str(stream.version), TEXT_OUTPUT: text}
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+async def _events(stream: Stream, request_id: str) -> AsyncIterator[bytes]:
+    async with aclosing(stream.chunks()) as chunks:
+        try:
+            async for chunk in chunks:
+                if chunk.text or chunk.finish_reason is not None:
+                    yield _event(_body(stream, request_id, chunk.text))
+        except SoupError as exc:
+            yield _event({"error": str(exc)})
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(body)}\n\n".encode()
