@@ -281,3 +281,64 @@ def test_generations_started_before_a_swap_finish_on_their_blend(tmp_path: Path)
     assert all(a["text_output"] == expected[a["model_version"]] for a in answers), answers
     assert [a["model_version"] for a in answers[4:]] == ["2", "2"]
     assert "1" in {a["model_version"] for a in answers[:4]}
+
+
+def test_a_generation_that_arrives_mid_batch_joins_it_and_both_equal_model_generate(llm: tuple[Any, Any, Any]) -> None:
+    app, reference, tokenizer = llm
+    other = "class JSONDecodeError(ValueError):"
+    expected = {PROMPT: greedy(reference, tokenizer, PROMPT, 300), other: greedy(reference, tokenizer, other, 10)}
+    finished: list[str] = []
+
+    def generate(prompt: str, tokens: int) -> str:
+        body = {"text_input": prompt, "parameters": {"max_tokens": tokens, "temperature": 0, "exclude_input_in_output": True}}
+        status, raw = post(app.http_port, "/v2/models/tiny/generate", body)
+        assert status == 200, raw
+        finished.append(prompt)
+        return json.loads(raw)["text_output"]
+
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(generate, PROMPT, 300)
+        time.sleep(0.05)  # the long one is generating: the short one joins its batch
+        short = pool.submit(generate, other, 10)
+        assert long.result() == expected[PROMPT] and short.result() == expected[other]
+    assert finished == [other, PROMPT]  # the short one did not wait for the long one's batch to end
+
+
+def test_openai_defaults_null_fields_and_a_chat_that_runs_to_the_end_of_the_context(llm: tuple[Any, Any, Any]) -> None:
+    app, _, _ = llm
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http_port}/v1", api_key="none")
+    plain = client.completions.create(
+        model="tiny", prompt=PROMPT, temperature=0, extra_body={"stop": None, "logprobs": None, "user": "someone"}
+    )
+    assert plain.usage.completion_tokens == 16  # OpenAI's default for completions
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "go"}],
+        temperature=0,
+        extra_body={"ignore_eos": True, "logprobs": False},
+    )
+    assert chat.choices[0].finish_reason == "length" and chat.usage.total_tokens == 512  # the whole context
+
+
+def test_a_stream_without_an_empty_final_response_flags_its_last_text(llm: tuple[Any, Any, Any]) -> None:
+    app, reference, tokenizer = llm
+    expected = greedy(reference, tokenizer, PROMPT, 6)
+    responses: queue.Queue[Any] = queue.Queue()
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{app.grpc_port}") as client:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer("tiny", text_inputs(PROMPT, stream=True), parameters={"temperature": 0.0, "max_tokens": 6})
+        client.async_stream_infer("tiny", text_inputs(PROMPT), parameters={"temperature": 0.0, "max_tokens": 6})
+        pieces, whole = [], None
+        while whole is None:
+            result, error = responses.get(timeout=60)
+            assert error is None and result.as_numpy("text_output") is not None  # every response carries text
+            text = result.as_numpy("text_output")[0].decode()
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if pieces and pieces[-1][1]:  # the streamed one ended: this is the one-shot answer
+                whole = (text, final)
+            else:
+                pieces.append((text, final))
+        client.stop_stream()
+    assert "".join(text for text, _ in pieces) == expected and [f for _, f in pieces][-1] is True
+    assert not any(f for _, f in pieces[:-1])
+    assert whole == (PROMPT + expected, True)

@@ -186,6 +186,12 @@ def test_defaults_render_a_single_demo_pod_with_its_volumes_and_probes() -> None
     assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": 8001, "http": 8000, "metrics": 8002}
 
 
+def test_the_llm_demo_renders_its_own_flag_and_folder() -> None:
+    args = container(render({"demo": {"enabled": True, "kind": "llm"}}))["args"]
+    assert "--demo=llm" in args and f"--demo-dir={INGREDIENTS}/demo-llm" in args and "--demo" not in args
+    assert build_parser().parse_args(args).demo == "llm"
+
+
 def test_defaults_generate_an_admin_token_the_pod_reads_and_confine_pushed_specs() -> None:
     """No admin Secret named: the chart makes one with a random token; the pod mounts it and passes
     it as --admin-token-file; pushed specs may read the ingredients volume only."""
@@ -412,10 +418,10 @@ def test_the_dashboard_is_grafana_json_whose_queries_use_exported_metrics() -> N
         cells |= mine
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            used = set(re.findall(r"\btureen_[a-z_]+\b", target["expr"]))
+            used = set(re.findall(r"\btureen_[a-z0-9_]+\b", target["expr"]))
             assert used and used <= exported, f"{panel['title']}: {used - exported} not exported by the server"
     for annotation in board["annotations"]["list"][1:]:
-        assert set(re.findall(r"\btureen_[a-z_]+\b", annotation["expr"])) <= exported
+        assert set(re.findall(r"\btureen_[a-z0-9_]+\b", annotation["expr"])) <= exported
 
 
 def test_the_dashboard_shows_latency_and_accuracy_per_version() -> None:
@@ -434,6 +440,10 @@ def test_the_dashboard_shows_latency_and_accuracy_per_version() -> None:
     panel_with("tureen_swaps_total")
     panel_with("by (model, version, split)", "tureen_eval_accuracy")
     panel_with("by (model, version)", "tureen_online_accuracy")
+    for tokens in ("tureen_time_to_first_token_seconds_bucket", "tureen_inter_token_latency_seconds_bucket"):
+        panel_with("histogram_quantile(0.99", "by (model, version, le)", tokens)
+    panel_with("by (model, version)", "rate(tureen_generation_tokens_total")
+    panel_with("tureen_requests_running")
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian's prometheus package) to parse PromQL")

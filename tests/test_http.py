@@ -212,7 +212,11 @@ def test_curl_calls_the_model_as_the_readme_shows(soup: tuple[Path, dict]) -> No
     if curl is None:
         pytest.skip("curl is not installed")
     folder, states = soup
-    shown = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("curl -s localhost:8000"))
+    shown = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("curl -s localhost:8000/v2/models/digits/infer")
+    )
     sent = json.loads((ROOT / "clients" / "digits_request.json").read_text())
     with running_app([spec_of(folder)]) as app:
         command = [

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tureen import __version__, ops
 from tureen.errors import SoupError
@@ -35,6 +36,22 @@ The demo soup 'digits' is served on {host}:{port}. Call it with Triton's client:
 
 or run `python clients/digits_client.py --url {host}:{port}` from a checkout.
 {http}Metrics: curl http://{host}:{metrics_port}/metrics
+"""
+
+LLM_HINT = """\
+The demo soup 'stdlib' (a small Llama, fine-tuned on parts of the Python standard library) is
+served on {host}:{http_port}. Complete code with Triton's generate extension or the OpenAI API:
+
+    curl -s http://{host}:{http_port}/v2/models/stdlib/generate \\
+      -d '{{"text_input": "def __init__(self", "parameters": {{"max_tokens": 24, "temperature": 0}}}}'
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://{host}:{http_port}/v1", api_key="unused")
+    answer = client.completions.create(model="stdlib", prompt="def test_", max_tokens=24, temperature=0.7, top_p=0.9,
+                                        seed=0)
+    print(answer.choices[0].text)
+
+Metrics (tokens, time to first token): curl http://{host}:{metrics_port}/metrics
 """
 
 
@@ -64,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve soups over KServe v2 gRPC and HTTP/REST with Prometheus metrics")
     serve.add_argument("--spec", action="append", default=[], metavar="FILE", help="a soup spec (YAML or JSON); repeatable")
-    serve.add_argument("--demo", action="store_true", help="serve the demo soup 'digits' (trained on first run)")
+    serve.add_argument(
+        "--demo",
+        nargs="?",
+        const="digits",
+        choices=["digits", "llm"],
+        help="serve a demo soup, trained on first run: 'digits' (the default: an MLP on scikit-learn's digits) or 'llm' "
+        "(a small Llama trained on the Python standard library, fine-tuned per package)",
+    )
     serve.add_argument(
         "--demo-dir",
         type=Path,
         metavar="DIR",
-        help="where the demo keeps its ingredients (default: $XDG_CACHE_HOME/tureen/demo or ~/.cache/tureen/demo)",
+        help="where the demo keeps its ingredients (default: $XDG_CACHE_HOME/tureen/demo, or demo-llm, under ~/.cache)",
     )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     serve.add_argument("--grpc-port", type=_port, default=8001, help="gRPC port; 0 picks a free one (default: 8001)")
@@ -268,6 +292,33 @@ def _folders(paths: Sequence[str]) -> list[str]:
     return list(paths)
 
 
+def _demo(kind: str) -> Any:
+    """The module that trains demo ``kind`` (``prepare``, ``default_cache_dir``)."""
+    if kind == "llm":
+        from tureen.demo import llm
+
+        return llm
+    from tureen.demo import train
+
+    return train
+
+
+def _finish_demo(args: argparse.Namespace, app: Any, demo_dir: Path) -> None:
+    """The demo's second act (the greedy soup and the comparison), then how to call it."""
+    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    if args.demo == "llm":
+        from tureen.demo import llm_report
+
+        llm_report.finish(app.controller, demo_dir)
+        print(LLM_HINT.format(host=host, http_port=app.http_port, metrics_port=app.metrics_port), file=sys.stderr)
+        return
+    from tureen.demo.report import finish
+
+    finish(app.controller, demo_dir)
+    http = f"Over HTTP/REST: curl http://{host}:{app.http_port}/v2/models/digits\n" if app.http_port else ""
+    print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port, http=http), file=sys.stderr)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tureen.app import App, Settings
     from tureen.core.devices import resolve_device
@@ -278,10 +329,8 @@ def _serve(args: argparse.Namespace) -> int:
     sources = [str(path) for path in args.spec]
     demo_dir: Path | None = None
     if args.demo:
-        from tureen.demo import train
-
-        demo_dir = args.demo_dir or train.default_cache_dir()
-        sources.append(str(train.prepare(demo_dir)))
+        demo_dir = args.demo_dir or _demo(args.demo).default_cache_dir()
+        sources.append(str(_demo(args.demo).prepare(demo_dir)))
     specs = [load_spec(path) for path in sources]
     store = args.store or default_store()
     if not specs and not SpecStore(store).models():
@@ -319,12 +368,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         blends = app.build_all()
         if demo_dir is not None:
-            from tureen.demo.report import finish
-
-            finish(app.controller, demo_dir)
-            host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-            http = f"Over HTTP/REST: curl http://{host}:{app.http_port}/v2/models/digits\n" if app.http_port else ""
-            print(CALL_HINT.format(host=host, port=app.grpc_port, metrics_port=app.metrics_port, http=http), file=sys.stderr)
+            _finish_demo(args, app, demo_dir)
         _log.info("ready: %d model(s) serving; Ctrl-C or SIGTERM stops", len(blends))
         stopping.wait()
         _log.info("stopping")

@@ -130,7 +130,10 @@ Secrets that features read from must be named.
 {{- if .Values.server.blendMemoryMb }}
 - --blend-memory-mb={{ .Values.server.blendMemoryMb }}
 {{- end }}
-{{- if .Values.demo.enabled }}
+{{- if and .Values.demo.enabled (eq (.Values.demo.kind | default "digits") "llm") }}
+- --demo=llm
+- --demo-dir={{ .Values.persistence.ingredients.mountPath }}/demo-llm
+{{- else if .Values.demo.enabled }}
 - --demo
 - --demo-dir={{ .Values.persistence.ingredients.mountPath }}/demo
 {{- end }}

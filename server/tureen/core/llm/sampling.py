@@ -74,19 +74,19 @@ class Sampler:
     """Picks each next token of one generation: argmax when greedy, else a draw from its own
     seeded generator, so a row's tokens do not depend on the other rows of its batch."""
 
-    def __init__(self, parameters: SamplingParameters, device: torch.device) -> None:
+    def __init__(self, parameters: SamplingParameters) -> None:
         self.parameters = parameters
         self._generator: torch.Generator | None = None
-        if not parameters.greedy:
+        if not parameters.greedy:  # draws happen on the CPU copy of the logits, whatever the device
             seed = parameters.seed if parameters.seed is not None else random.getrandbits(63)
-            self._generator = torch.Generator(device=device).manual_seed(seed)
+            self._generator = torch.Generator().manual_seed(seed)
 
     def next_token(self, logits: torch.Tensor) -> int:
         """The next token for ``logits`` [vocab] (float32)."""
         if self._generator is None:
             return int(logits.argmax())
         p = self.parameters
-        scores = logits.float() / p.temperature
+        scores = (logits.float() - logits.float().max()) / p.temperature  # a tiny temperature overflows to -inf, not NaN
         if p.top_k > 0 and p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, -math.inf)

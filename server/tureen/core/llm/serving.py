@@ -8,6 +8,7 @@ when it ends: a success, a failure, or a cancellation when its reader stops earl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import weakref
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tureen.core.blends import Blend, BlendRepository
-from tureen.core.llm.generation import Chunk, Generation, Generator
+from tureen.core.llm.generation import Chunk, Generation
+from tureen.core.llm.loop import Generator
 from tureen.core.llm.sampling import SamplingParameters
 from tureen.core.llm.text import TextCodec
 from tureen.core.observer import GenerationRecord, Observer
@@ -40,8 +42,15 @@ class GenerateRequest:
     prompt_field: str = "text_input"
     """What the transport calls the prompt, for error messages."""
     parameters_field: str = "parameters"
+    fill_context: bool = False
+    """Without ``max_tokens``, generate up to the end of the context (OpenAI's chat does)."""
     routing: Mapping[str, str] = field(default_factory=dict)
     """Request parameters a sticky canary reads."""
+
+
+def _sticky(blend: Blend) -> str | None:
+    rollout = blend.spec.rollout
+    return rollout.canary.sticky if rollout is not None and rollout.canary is not None else None
 
 
 def generative(blend: Blend) -> str | None:
@@ -68,6 +77,22 @@ class Stream:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._owner, self._blend, self._generation, self._received = owner, blend, generation, received_ns
+        self._closed = False
+
+    def close(self, error: SoupError | None = None) -> None:
+        """End the generation (if it runs) and count the request, once: ``error`` None is a
+        success, and a stream closed before its end counts as cancelled."""
+        if self._closed:
+            return
+        self._closed = True
+        self._generation.cancel()
+        if error is None and self.finish_reason is None:
+            error = Cancelled("the caller went away before the generation ended")
+        self._owner.finished(self._blend, self._generation, self._received, error)
+
+    def __del__(self) -> None:  # a response dropped before it was read (its client left at once)
+        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing left to count
+            self.close()
 
     async def text(self) -> str:
         """The whole generated text, once the generation ends."""
@@ -77,7 +102,7 @@ class Stream:
     async def chunks(self) -> AsyncGenerator[Chunk, None]:
         """The chunks as they come; read it within ``contextlib.aclosing`` so that a reader that
         stops early cancels the generation at once."""
-        error: SoupError | None = Cancelled("the caller went away before the generation ended")
+        error: SoupError | None = None
         try:
             while True:
                 item = await self._generation.chunks.get()
@@ -86,13 +111,12 @@ class Stream:
                     raise item
                 self.completion_tokens += item.tokens
                 if item.finish_reason is not None:
-                    self.finish_reason, error = item.finish_reason, None
+                    self.finish_reason = item.finish_reason
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
-            self._generation.cancel()
-            self._owner.finished(self._blend, self._generation, self._received, error)
+            self.close(error)
 
 
 class Generations:
@@ -109,22 +133,26 @@ class Generations:
         blend: Blend | None = None
         try:
             blend = self._repository.route(request.model, request.version, request.routing)
-            parameters = SamplingParameters.of(self._sampling(request), request.parameters_field)
+            parameters = SamplingParameters.of(self._sampling(request, blend), request.parameters_field)
             lane = self._lane(blend)
-            prompt = self._prompt(request, lane.codec, parameters)
-            generation = Generation(prompt, parameters, lane.codec, blend.device)
+            prompt = self._prompt(request, lane.codec)
+            parameters = self._room(request, parameters, len(prompt), lane.codec.context)
+            generation = Generation(prompt, parameters, lane.codec)
         except SoupError as error:
             self._failed(request.model, blend, received_ns, error)
             raise
         lane.generator.submit(generation)
         return Stream(self, blend, generation, received_ns)
 
-    def _sampling(self, request: GenerateRequest) -> dict[str, Any]:
-        """The request's parameters less those that route it (a sticky canary's key) or belong to
-        the protocol (Triton's scheduling parameters)."""
+    def _sampling(self, request: GenerateRequest, blend: Blend) -> dict[str, Any]:
+        """The request's parameters less those that route it (a sticky canary's key, whether a
+        canary runs now or not) or belong to the protocol (Triton's scheduling parameters)."""
+        ignored = set(PROTOCOL_PARAMETERS)
         canary = self._repository.canary(request.model)
-        ignored = {*PROTOCOL_PARAMETERS, *([canary.sticky] if canary is not None and canary.sticky else [])}
-        return {name: value for name, value in request.parameters.items() if name not in ignored}
+        for route in (canary.sticky if canary is not None else None, _sticky(blend)):
+            if route:
+                ignored.add(route)
+        return {name: value for name, value in request.parameters.items() if name not in ignored and value is not None}
 
     def codec_of(self, blend: Blend) -> TextCodec:
         return self._lane(blend).codec
@@ -150,7 +178,7 @@ class Generations:
         return lane
 
     @staticmethod
-    def _prompt(request: GenerateRequest, codec: TextCodec, parameters: SamplingParameters) -> list[int]:
+    def _prompt(request: GenerateRequest, codec: TextCodec) -> list[int]:
         if request.messages is not None:
             prompt = codec.chat(request.messages)
         elif request.prompt is not None:
@@ -163,13 +191,19 @@ class Generations:
             raise InvalidRequest(
                 f"{request.prompt_field}: the prompt is {len(prompt)} tokens; the model's context is {codec.context}"
             )
-        if len(prompt) + parameters.max_tokens > codec.context:
+        return prompt
+
+    @staticmethod
+    def _room(request: GenerateRequest, parameters: SamplingParameters, prompt: int, context: int) -> SamplingParameters:
+        """``parameters`` with a ``max_tokens`` that fits the context after the prompt."""
+        if request.fill_context and "max_tokens" not in request.parameters:
+            return parameters.model_copy(update={"max_tokens": context - prompt})
+        if prompt + parameters.max_tokens > context:
             field = f"{request.parameters_field}.max_tokens" if request.parameters_field else "max_tokens"
             raise InvalidRequest(
-                f"{field}: {parameters.max_tokens} tokens after a prompt of {len(prompt)} exceed the model's context"
-                f" of {codec.context}"
+                f"{field}: {parameters.max_tokens} tokens after a prompt of {prompt} exceed the model's context of {context}"
             )
-        return prompt
+        return parameters
 
     # ---- accounting ----------------------------------------------------------------------------
 

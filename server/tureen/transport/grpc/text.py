@@ -42,9 +42,10 @@ def decode(request: pb.ModelInferRequest) -> tuple[GenerateRequest, dict[str, An
     return generate, controls
 
 
-def response(stream: Stream, request_id: str, text: str, final: bool | None = None) -> pb.ModelInferResponse:
+def response(stream: Stream, request_id: str, text: str, final: bool | None = None, empty: bool = False) -> pb.ModelInferResponse:
+    """A text response; ``empty``: Triton's empty final response, with no output at all."""
     message = pb.ModelInferResponse(model_name=stream.model, model_version=str(stream.version), id=request_id)
-    if text or final is not True:
+    if not empty:
         out = message.outputs.add()
         out.name, out.datatype = TEXT_OUTPUT, "BYTES"
         out.shape.append(1)
@@ -55,23 +56,26 @@ def response(stream: Stream, request_id: str, text: str, final: bool | None = No
     return message
 
 
-async def infer(engine: Engine, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    """A text request on ``ModelInfer``: the whole text in one response."""
+async def infer(engine: Engine, request: pb.ModelInferRequest, final: bool | None = None) -> pb.ModelInferResponse:
+    """A text request answered in one response (``final``: flagged, on a stream)."""
     generate, controls = decode(request)
     stream = engine.generate(generate, time.perf_counter_ns())
     text = await stream.text()
     prefix = "" if controls.get("exclude_input_in_output") else generate.prompt or ""
-    return response(stream, request.id, prefix + text)
+    return response(stream, request.id, prefix + text, final)
 
 
 async def stream_infer(engine: Engine, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
     """A text request on ``ModelStreamInfer``: with ``stream`` set, one response per chunk of
     text, flagged ``triton_final_response`` as Triton's decoupled models are; else one."""
     generate, controls = decode(request)
-    if not generate.parameters.get("stream", False):
-        yield await infer(engine, request)
-        return
     empty_final = bool(controls.get("triton_enable_empty_final_response"))
+    if not generate.parameters.get("stream", False):
+        answer = await infer(engine, request, final=not empty_final)
+        yield answer
+        if empty_final:
+            yield _empty_final(answer)
+        return
     stream = engine.generate(generate, time.perf_counter_ns())
     async with aclosing(stream.chunks()) as chunks:
         async for chunk in chunks:
@@ -79,7 +83,13 @@ async def stream_infer(engine: Engine, request: pb.ModelInferRequest) -> AsyncIt
             if chunk.text or (last and not empty_final):
                 yield response(stream, request.id, chunk.text, False if empty_final else last)
     if empty_final:
-        yield response(stream, request.id, "", True)
+        yield response(stream, request.id, "", True, empty=True)
+
+
+def _empty_final(answer: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version, id=answer.id)
+    message.parameters[FINAL].bool_param = True
+    return message
 
 
 def _scalar(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Any:

@@ -69,7 +69,7 @@ class OpenAIRoutes:
             raise InvalidRequest("messages: expected a non-empty list of {role, content} objects")
         if "max_completion_tokens" in document:
             document["max_tokens"] = document.pop("max_completion_tokens")
-        generate = _request(document, messages=messages)
+        generate = _request(document, fill_context=True, messages=messages)
         return await self._answer(generate, "chat.completion", document)
 
     async def _answer(self, generate: GenerateRequest, kind: str, document: dict[str, Any]) -> Response:
@@ -88,18 +88,19 @@ class OpenAIRoutes:
         return JSONResponse({**_head(stream, ident, kind), "choices": [choice], "usage": _usage(stream)})
 
 
-def _request(document: dict[str, Any], **prompt: Any) -> GenerateRequest:
+def _request(document: dict[str, Any], fill_context: bool = False, **prompt: Any) -> GenerateRequest:
     model = document.pop("model", None)
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model: expected the name of a served model")
     name, _, version = model.partition(":")
-    fields = _fields(document)
+    fields = {k: v for k, v in _fields(document).items() if v is not None}  # OpenAI's nullable fields: null is the default
     return GenerateRequest(
         name,
         version,
         prompt_field="messages" if "messages" in prompt else "prompt",
         parameters=fields,
         parameters_field="",
+        fill_context=fill_context,
         **prompt,
     )
 
@@ -107,7 +108,7 @@ def _request(document: dict[str, Any], **prompt: Any) -> GenerateRequest:
 def _fields(document: dict[str, Any]) -> dict[str, Any]:
     """The sampling fields of a body, refusing the OpenAI fields this server does not honour."""
     fields = {k: v for k, v in document.items() if k not in IGNORED}
-    defaults = {"n": 1, "logprobs": None, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
+    defaults = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "echo": False}
     for name, default in defaults.items():
         if document.get(name) not in (default, None):
             raise InvalidRequest(f"{name}: only {json.dumps(default)} is supported")
@@ -137,9 +138,10 @@ def _usage(stream: Stream) -> dict[str, int]:
 async def _events(stream: Stream, ident: str, kind: str, usage: bool) -> AsyncIterator[bytes]:
     chat = kind == "chat.completion"
     head = _head(stream, ident, f"{kind}.chunk" if chat else kind)
-    if chat:
-        yield _event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-    async with aclosing(stream.chunks()) as chunks:
+    async with aclosing(stream.chunks()) as chunks:  # entered first: closing this generator anywhere cancels
+        if chat:
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield _event({**head, "choices": [role]})
         try:
             async for chunk in chunks:
                 if not chunk.text and chunk.finish_reason is None:
