@@ -342,3 +342,22 @@ def test_a_stream_without_an_empty_final_response_flags_its_last_text(llm: tuple
     assert "".join(text for text, _ in pieces) == expected and [f for _, f in pieces][-1] is True
     assert not any(f for _, f in pieces[:-1])
     assert whole == (PROMPT + expected, True)
+
+
+def test_a_text_request_that_cannot_be_decoded_is_counted_against_its_model(llm: tuple[Any, Any, Any]) -> None:
+    app, _, _ = llm
+
+    def refused() -> float:
+        return sample(scrape(app), "tureen_request_failure_total", model="tiny", version="1", reason="invalid_argument") or 0
+
+    before = refused()
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{app.grpc_port}") as client:
+        bad = [*text_inputs(PROMPT), grpcclient.InferInput("sampling_parameters", [1], "BYTES")]
+        bad[-1].set_data_from_numpy(np.array([b"{not json"], dtype=np.object_))
+        with pytest.raises(InferenceServerException, match="sampling_parameters: not JSON"):
+            client.infer("tiny", bad)
+    status, _ = post(app.http_port, "/v2/models/tiny/generate", {"text_input": 7})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{app.http_port}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=2)
+    assert status == 400 and refused() == before + 3

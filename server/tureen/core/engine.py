@@ -134,9 +134,10 @@ class Engine:
             ledger.work = work
         return encoded
 
-    def generate(self, request: GenerateRequest, received_ns: int) -> Stream:
-        """Start a generation on the blend ``request`` routes to; iterate the stream for its text."""
-        return self.generations.start(request, received_ns)
+    def generate(self, model: str, received_ns: int, decode: Callable[[], GenerateRequest]) -> Stream:
+        """Start the generation ``decode`` describes on the blend it routes to (a request that
+        cannot be decoded is counted against ``model``); iterate the stream for its text."""
+        return self.generations.start(model, received_ns, decode)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

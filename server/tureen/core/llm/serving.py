@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import time
 import weakref
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ from tureen.core.llm.sampling import SamplingParameters
 from tureen.core.llm.text import TextCodec
 from tureen.core.observer import GenerationRecord, Observer
 from tureen.core.statistics import StatisticsBook, Timings
-from tureen.errors import ArchitectureError, Cancelled, InvalidRequest, SoupError
+from tureen.errors import ArchitectureError, Cancelled, InferenceFailed, InvalidRequest, SoupError
 
 PROTOCOL_PARAMETERS = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
 """Request parameters tritonclient sets for Triton's scheduler, not for sampling."""
@@ -128,10 +128,12 @@ class Generations:
         self._observer = observer
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
 
-    def start(self, request: GenerateRequest, received_ns: int) -> Stream:
-        """Route and check ``request`` and queue its generation; raises ``SoupError`` (counted)."""
+    def start(self, model: str, received_ns: int, decode: Callable[[], GenerateRequest]) -> Stream:
+        """Decode, route and check a request for ``model`` and queue its generation; raises
+        ``SoupError``, counted (an unexpected error becomes ``InferenceFailed``)."""
         blend: Blend | None = None
         try:
+            request = decode()
             blend = self._repository.route(request.model, request.version, request.routing)
             parameters = SamplingParameters.of(self._sampling(request, blend), request.parameters_field)
             lane = self._lane(blend)
@@ -139,8 +141,12 @@ class Generations:
             parameters = self._room(request, parameters, len(prompt), lane.codec.context)
             generation = Generation(prompt, parameters, lane.codec)
         except SoupError as error:
-            self._failed(request.model, blend, received_ns, error)
+            self._failed(model, blend, received_ns, error)
             raise
+        except Exception as exc:
+            failure = InferenceFailed(f"model {model!r}: cannot start the generation: {exc}")
+            self._failed(model, blend, received_ns, failure)
+            raise failure from exc
         lane.generator.submit(generation)
         return Stream(self, blend, generation, received_ns)
 

@@ -56,27 +56,41 @@ def response(stream: Stream, request_id: str, text: str, final: bool | None = No
     return message
 
 
-async def infer(engine: Engine, request: pb.ModelInferRequest, final: bool | None = None) -> pb.ModelInferResponse:
-    """A text request answered in one response (``final``: flagged, on a stream)."""
-    generate, controls = decode(request)
-    stream = engine.generate(generate, time.perf_counter_ns())
+def _start(engine: Engine, request: pb.ModelInferRequest) -> tuple[Stream, GenerateRequest, dict[str, Any]]:
+    decoded: list[tuple[GenerateRequest, dict[str, Any]]] = []
+
+    def decoding() -> GenerateRequest:
+        decoded.append(decode(request))
+        return decoded[0][0]
+
+    stream = engine.generate(request.model_name, time.perf_counter_ns(), decoding)
+    return stream, *decoded[0]
+
+
+async def _whole(
+    stream: Stream, generate: GenerateRequest, controls: dict[str, Any], final: bool | None
+) -> pb.ModelInferResponse:
     text = await stream.text()
     prefix = "" if controls.get("exclude_input_in_output") else generate.prompt or ""
-    return response(stream, request.id, prefix + text, final)
+    return response(stream, generate.id, prefix + text, final)
+
+
+async def infer(engine: Engine, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """A text request on ``ModelInfer``: the whole text in one response."""
+    return await _whole(*_start(engine, request), None)
 
 
 async def stream_infer(engine: Engine, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
     """A text request on ``ModelStreamInfer``: with ``stream`` set, one response per chunk of
     text, flagged ``triton_final_response`` as Triton's decoupled models are; else one."""
-    generate, controls = decode(request)
+    stream, generate, controls = _start(engine, request)
     empty_final = bool(controls.get("triton_enable_empty_final_response"))
     if not generate.parameters.get("stream", False):
-        answer = await infer(engine, request, final=not empty_final)
+        answer = await _whole(stream, generate, controls, not empty_final)
         yield answer
         if empty_final:
             yield _empty_final(answer)
         return
-    stream = engine.generate(generate, time.perf_counter_ns())
     async with aclosing(stream.chunks()) as chunks:
         async for chunk in chunks:
             last = chunk.finish_reason is not None

@@ -30,22 +30,30 @@ class GenerateRoutes:
         self._engine = engine
 
     async def generate(self, request: Request) -> Response:
-        generate, controls = await _decode(request)
-        if generate.parameters.get("stream"):
-            raise InvalidRequest("parameters.stream: /generate answers once; use /generate_stream to stream")
-        stream = self._engine.generate(generate, time.perf_counter_ns())
+        stream, generate, controls = await self._start(request, streaming=False)
         text = await stream.text()
         prefix = "" if controls.get("exclude_input_in_output") else generate.prompt or ""
         return JSONResponse(_body(stream, generate.id, prefix + text))
 
     async def generate_stream(self, request: Request) -> Response:
-        generate, _ = await _decode(request, stream=True)
-        stream = self._engine.generate(generate, time.perf_counter_ns())
+        stream, generate, _ = await self._start(request, streaming=True)
         return StreamingResponse(_events(stream, generate.id), media_type="text/event-stream")
 
+    async def _start(self, request: Request, streaming: bool) -> tuple[Stream, GenerateRequest, dict[str, Any]]:
+        received = time.perf_counter_ns()
+        body = await request.body()
+        decoded: list[tuple[GenerateRequest, dict[str, Any]]] = []
 
-async def _decode(request: Request, stream: bool = False) -> tuple[GenerateRequest, dict[str, Any]]:
-    document = codec.json_object(await request.body())
+        def decoding() -> GenerateRequest:
+            decoded.append(_decode(request, body, streaming))
+            return decoded[0][0]
+
+        stream = self._engine.generate(request.path_params["model"], received, decoding)
+        return stream, *decoded[0]
+
+
+def _decode(request: Request, body: bytes, stream: bool) -> tuple[GenerateRequest, dict[str, Any]]:
+    document = codec.json_object(body)
     inputs = dict(document)
     parameters = inputs.pop("parameters", None) or {}
     if not isinstance(parameters, dict):
@@ -55,6 +63,8 @@ async def _decode(request: Request, stream: bool = False) -> tuple[GenerateReque
     if not isinstance(prompt, str):
         raise InvalidRequest(f"{TEXT_INPUT}: expected a string")
     fields, controls = sampling_fields(inputs, parameters, "parameters")
+    if fields.get("stream") and not stream:
+        raise InvalidRequest("parameters.stream: /generate answers once; use /generate_stream to stream")
     if stream:
         fields["stream"] = True
     model, version = request.path_params["model"], request.path_params.get("version", "")

@@ -53,29 +53,25 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: Request) -> Response:
-        document = codec.json_object(await request.body())
-        prompt = document.pop("prompt", None)
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise InvalidRequest("prompt: expected a string (one prompt per request)")
-        generate = _request(document, prompt=prompt)
-        return await self._answer(generate, "text_completion", document)
+        return await self._answer(request, "text_completion", _completion)
 
     async def chat(self, request: Request) -> Response:
-        document = codec.json_object(await request.body())
-        messages = document.pop("messages", None)
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise InvalidRequest("messages: expected a non-empty list of {role, content} objects")
-        if "max_completion_tokens" in document:
-            document["max_tokens"] = document.pop("max_completion_tokens")
-        generate = _request(document, fill_context=True, messages=messages)
-        return await self._answer(generate, "chat.completion", document)
+        return await self._answer(request, "chat.completion", _chat)
 
-    async def _answer(self, generate: GenerateRequest, kind: str, document: dict[str, Any]) -> Response:
-        stream = self._engine.generate(generate, time.perf_counter_ns())
+    async def _answer(self, request: Request, kind: str, decode: Callable[[dict[str, Any]], GenerateRequest]) -> Response:
+        received = time.perf_counter_ns()
+        body = await request.body()
+        document: dict[str, Any] = {}
+
+        def decoding() -> GenerateRequest:
+            document.update(codec.json_object(body))
+            return decode(document)
+
+        model = _model_name(body)
+        stream = self._engine.generate(model, received, decoding)
+        generate_stream = bool(document.get("stream"))
         ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
-        if generate.parameters.get("stream"):
+        if generate_stream:
             options = document.get("stream_options") or {}
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return StreamingResponse(_events(stream, ident, kind, usage), media_type="text/event-stream")
@@ -86,6 +82,33 @@ class OpenAIRoutes:
             choice = {"index": 0, "text": text, "logprobs": None}
         choice["finish_reason"] = stream.finish_reason
         return JSONResponse({**_head(stream, ident, kind), "choices": [choice], "usage": _usage(stream)})
+
+
+def _completion(document: dict[str, Any]) -> GenerateRequest:
+    prompt = document.pop("prompt", None)
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("prompt: expected a string (one prompt per request)")
+    return _request(document, prompt=prompt)
+
+
+def _chat(document: dict[str, Any]) -> GenerateRequest:
+    messages = document.pop("messages", None)
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("messages: expected a non-empty list of {role, content} objects")
+    if "max_completion_tokens" in document:
+        document["max_tokens"] = document.pop("max_completion_tokens")
+    return _request(document, fill_context=True, messages=messages)
+
+
+def _model_name(body: bytes) -> str:
+    """The body's ``model`` for counting a request that cannot be decoded ("" when unreadable)."""
+    try:
+        model = json.loads(body).get("model", "")
+    except (ValueError, AttributeError):
+        return ""
+    return model.partition(":")[0] if isinstance(model, str) else ""
 
 
 def _request(document: dict[str, Any], fill_context: bool = False, **prompt: Any) -> GenerateRequest:
