@@ -58,18 +58,14 @@ def demo_model(demo_dir: Path | None) -> Path:
 
 def write_model(work: Path, name: str) -> Path:
     """Two fine-tunes of a generated Llama in work/NAME-ft{0,1} and their spec."""
-    import tokenizers
     import transformers
 
+    from tureen.demo.llm import END, byte_level_bpe, save_tokenizer
+
     hidden, intermediate, layers, heads, vocab = SIZES[name]
-    sources = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|end|>"], initial_alphabet=alphabet)
-    tokenizer.train(sources, trainer)
-    end = tokenizer.token_to_id("<|end|>")
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200]
+    tokenizer = byte_level_bpe([p.read_text(encoding="utf-8", errors="replace") for p in sources], vocab)
+    end = tokenizer.token_to_id(END)
     config = transformers.LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
         hidden_size=hidden,
@@ -86,9 +82,7 @@ def write_model(work: Path, name: str) -> Path:
         model = transformers.AutoModelForCausalLM.from_config(config)
         folder = work / f"{name}-ft{seed}"
         model.save_pretrained(folder)
-        tokenizer.save(str(folder / "tokenizer.json"))
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end|>"}
-        (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+        save_tokenizer(tokenizer, folder)
     spec = {
         "apiVersion": "tureen/v1",
         "model": name,

@@ -345,24 +345,15 @@ def llama_with_tokens(folder: Path, seed: int, added: list[str], special: list[s
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-
-
 def text_llama(folder: Path, seeds: Sequence[int] = (0, 1), vocab: int = 320) -> list[dict[str, torch.Tensor]]:
     """Tiny Llama fine-tunes in ``folder/ft-SEED`` sharing a byte-level BPE tokenizer trained on
-    the standard library's ``json`` package (real text), with a chat template and ``<|end|>`` as
-    end of sequence; returns their state dicts."""
-    import tokenizers
+    the standard library's ``json`` package (real text), with the LLM demo's chat template and
+    ``<|end|>`` as end of sequence; returns their state dicts."""
     import transformers
 
-    sources = sorted(str(p) for p in Path(json.__file__).parent.glob("*.py"))
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|end|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train(sources, trainer)
+    from tureen.demo.llm import byte_level_bpe, save_tokenizer
+
+    tokenizer = byte_level_bpe([p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))], vocab)
     end = tokenizer.token_to_id("<|end|>")
     config = llama_config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=512, eos_token_id=end, bos_token_id=end)
     states = []
@@ -371,13 +362,6 @@ def text_llama(folder: Path, seeds: Sequence[int] = (0, 1), vocab: int = 320) ->
         model = transformers.AutoModelForCausalLM.from_config(config)
         target = folder / f"ft-{seed}"
         model.save_pretrained(target)
-        tokenizer.save(str(target / "tokenizer.json"))
-        settings = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": "<|end|>",
-            "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
-        }
-        (target / "tokenizer_config.json").write_text(json.dumps(settings))
+        save_tokenizer(tokenizer, target)
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return states

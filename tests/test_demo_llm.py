@@ -21,7 +21,7 @@ def test_the_llm_demo_trains_once_then_serves_its_greedy_soup_as_an_llm(tmp_path
     demo_dir = tmp_path / "demo-llm"
     for run in ("first", "cached"):
         # The budget: a first run under 3 minutes on 2 cores; the timeout leaves room for slower machines.
-        with serve_process(["--demo", "llm", "--demo-dir", str(demo_dir)], timeout=480) as (_process, _grpc, metrics, lines):
+        with serve_process(["--demo", "llm", "--demo-dir", str(demo_dir)], timeout=480) as (_process, _grpc, _metrics, lines):
             log = "".join(lines)
             assert ("first run, a" in log) == (run == "first") and ("reusing" in log) == (run == "cached"), run
             http_port = int(re.search(r"HTTP/REST \(KServe v2\) on [\d.]+:(\d+)", log).group(1))
@@ -43,7 +43,6 @@ def test_the_llm_demo_trains_once_then_serves_its_greedy_soup_as_an_llm(tmp_path
             completion = client.completions.create(model="stdlib", prompt="class ", max_tokens=12, temperature=0)
             assert completion.usage.completion_tokens == 12 and completion.system_fingerprint == "stdlib-v2"
             assert completion.choices[0].text == answer_for(client, "class ")
-            assert metrics > 0
 
 
 def answer_for(client: object, prompt: str) -> str:

@@ -119,7 +119,7 @@ class Engine:
         self._observer = observer
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-forward")
-        self.generations = Generations(repository, self.statistics, observer)
+        self.generations = Generations(repository, self.statistics, observer, self.failed)
 
     async def serve(self, call: Call[T]) -> T:
         """Decode, route, check, queue, compute and encode one request; count it once."""
@@ -250,17 +250,18 @@ class Engine:
             blend.model, str(blend.version), None, total / 1e9, timings.queue / 1e9, timings.compute / 1e9
         )
 
-    def failed(self, call: Call[T], blend: Blend | None, error: SoupError) -> None:
-        """Count a failed request against the blend it was routed to, else the model's active one."""
-        total = time.perf_counter_ns() - call.received_ns
+    def failed(self, model: str, received_ns: int, blend: Blend | None, error: SoupError) -> None:
+        """Count a failed request for ``model`` against the blend it was routed to, else the
+        model's active one; tensor and text requests alike."""
+        total = time.perf_counter_ns() - received_ns
         known = self.repository.models()
         if blend is None:
-            blend = known.get(call.model)
+            blend = known.get(model)
         version = str(blend.version) if blend is not None else ""
         if blend is not None:
             self.statistics.failure(blend.model, blend.version, total)
         # Unknown model names stay out of labels: clients must not be able to grow our series.
-        label = call.model if call.model in known else ""
+        label = model if model in known else ""
         self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)
 
 
@@ -282,16 +283,16 @@ class _Ledger:
             self.engine.succeeded(self.work)
             return
         if isinstance(exc, SoupError):
-            self.engine.failed(self.call, self.blend, exc)
+            self.engine.failed(self.call.model, self.call.received_ns, self.blend, exc)
             return
         if isinstance(exc, asyncio.CancelledError):
-            self.engine.failed(self.call, self.blend, Cancelled("the call was cancelled"))
+            self.engine.failed(self.call.model, self.call.received_ns, self.blend, Cancelled("the call was cancelled"))
             return
         if not isinstance(exc, Exception):
             return
         where = f"model {self.blend.model!r} version {self.blend.version}" if self.blend else f"model {self.call.model!r}"
         failure = InferenceFailed(f"{where}: cannot answer the request: {exc}")
-        self.engine.failed(self.call, self.blend, failure)
+        self.engine.failed(self.call.model, self.call.received_ns, self.blend, failure)
         raise failure from exc
 
 

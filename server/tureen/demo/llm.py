@@ -16,6 +16,7 @@ import math
 import os
 import sysconfig
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,28 +73,37 @@ def _corpus() -> tuple[str, dict[str, str]]:
     return base, parts
 
 
-def _tokenizer(base: str, folder: Path) -> object:
+END = "<|end|>"
+
+
+def byte_level_bpe(texts: Iterable[str], vocab: int) -> Any:
+    """A byte-level BPE tokenizer (the ``tokenizers`` package) of ``vocab`` tokens trained on
+    ``texts``, with ``<|end|>`` as its one special token; the bench and the tests make theirs here."""
     import tokenizers
 
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|end|>"], initial_alphabet=alphabet)
-    tokenizer.train_from_iterator([base[i : i + 4096] for i in range(0, len(base), 4096)], trainer)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=[END], initial_alphabet=alphabet)
+    tokenizer.train_from_iterator((text[i : i + 4096] for text in texts for i in range(0, len(text), 4096)), trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``tokenizer.json`` and a ``tokenizer_config.json`` (end token, chat template) in a model folder."""
     tokenizer.save(str(folder / "tokenizer.json"))
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|end|>",
+        "eos_token": END,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    return tokenizer
 
 
-def _ids(tokenizer: object, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)  # type: ignore[attr-defined]
+def _ids(tokenizer: Any, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
 
 
 def _held_out(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,8 +147,9 @@ def _train_all(cache_dir: Path) -> Path:
     base_text, parts = _corpus()
     base_dir = cache_dir / "base"
     base_dir.mkdir(exist_ok=True)
-    tokenizer = _tokenizer(base_text, base_dir)
-    end = tokenizer.token_to_id("<|end|>")  # type: ignore[attr-defined]
+    tokenizer = byte_level_bpe([base_text], VOCAB)
+    save_tokenizer(tokenizer, base_dir)
+    end = tokenizer.token_to_id(END)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, max_position_embeddings=1024, eos_token_id=end, bos_token_id=end, tie_word_embeddings=True, **SIZES
     )

@@ -42,7 +42,6 @@ class Generation:
         self.cancelled = False
         self.finished = False
         """Its last chunk is made (set on the loop's thread)."""
-        self.queued_ns = time.perf_counter_ns()
         self.started_ns = 0
         """When its batch began (0: still waiting)."""
         self.token_ns: list[int] = []

@@ -52,10 +52,6 @@ class Generator:
         self.active = 0
         """Generations in the batch being run."""
 
-    @property
-    def waiting(self) -> int:
-        return len(self._pending)
-
     def submit(self, generation: Generation) -> None:
         with self._lock:
             self._pending.append(generation)

@@ -73,7 +73,6 @@ class Stream:
     def __init__(self, owner: Generations, blend: Blend, generation: Generation, received_ns: int) -> None:
         self.model, self.version = blend.model, blend.version
         self.prompt_tokens = len(generation.prompt)
-        self.parameters = generation.parameters
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._owner, self._blend, self._generation, self._received = owner, blend, generation, received_ns
@@ -122,10 +121,18 @@ class Stream:
 class Generations:
     """The generation side of the data plane, beside the engine's tensor side."""
 
-    def __init__(self, repository: BlendRepository, statistics: StatisticsBook, observer: Observer) -> None:
+    def __init__(
+        self,
+        repository: BlendRepository,
+        statistics: StatisticsBook,
+        observer: Observer,
+        failed: Callable[[str, int, Blend | None, SoupError], None],
+    ) -> None:
+        """``failed(model, received_ns, blend, error)``: the engine's one way to count a failure."""
         self._repository = repository
         self._statistics = statistics
         self._observer = observer
+        self._failed = failed
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
 
     def start(self, model: str, received_ns: int, decode: Callable[[], GenerateRequest]) -> Stream:
@@ -141,11 +148,11 @@ class Generations:
             parameters = self._room(request, parameters, len(prompt), lane.codec.context)
             generation = Generation(prompt, parameters, lane.codec)
         except SoupError as error:
-            self._failed(model, blend, received_ns, error)
+            self._failed(model, received_ns, blend, error)
             raise
         except Exception as exc:
             failure = InferenceFailed(f"model {model!r}: cannot start the generation: {exc}")
-            self._failed(model, blend, received_ns, failure)
+            self._failed(model, received_ns, blend, failure)
             raise failure from exc
         lane.generator.submit(generation)
         return Stream(self, blend, generation, received_ns)
@@ -159,9 +166,6 @@ class Generations:
             if route:
                 ignored.add(route)
         return {name: value for name, value in request.parameters.items() if name not in ignored and value is not None}
-
-    def codec_of(self, blend: Blend) -> TextCodec:
-        return self._lane(blend).codec
 
     def _lane(self, blend: Blend) -> _Lane:
         lane = self._lanes.get(blend)
@@ -217,7 +221,7 @@ class Generations:
         now = time.perf_counter_ns()
         times, version = generation.token_ns, str(blend.version)
         if error is not None:
-            self._failed(blend.model, blend, received_ns, error)
+            self._failed(blend.model, received_ns, blend, error)
             self._observer.generation_finished(blend.model, version, GenerationRecord(len(generation.prompt), len(times)))
             return
         queue = (generation.started_ns or now) - received_ns
@@ -228,13 +232,3 @@ class Generations:
         gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(times)]
         record = GenerationRecord(len(generation.prompt), len(times), first, gaps, (now - received_ns) / 1e9)
         self._observer.generation_finished(blend.model, version, record)
-
-    def _failed(self, model: str, blend: Blend | None, received_ns: int, error: SoupError) -> None:
-        total = time.perf_counter_ns() - received_ns
-        known = self._repository.models()
-        target = blend if blend is not None else known.get(model)
-        if target is not None:
-            self._statistics.failure(target.model, target.version, total)
-        label = model if model in known else ""
-        version = str(target.version) if target is not None else ""
-        self._observer.request_finished(label, version, error.reason, total / 1e9, 0.0, 0.0)
