@@ -1,8 +1,8 @@
 """Scoring blends and ingredients on held-out data: accuracy, NLL and calibration, or perplexity.
 
-An ``Evaluator`` loads a spec's evaluation splits once per build (safetensors files or a
-factory's batches), checks them against the model's interface, and scores any forward
-function on them in batches, on the blend's device. Scores are plain floats keyed by metric,
+An ``Evaluator`` loads a spec's evaluation splits once per build (safetensors files, text in
+``.jsonl`` files, or a factory's batches), checks them against the model's interface, and
+scores any forward function on them in batches, on the blend's device. Scores are plain floats keyed by metric,
 so the store, the gate and Prometheus all read the same numbers.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,9 @@ from torch import nn
 
 from tureen.core.architecture import outputs_by_name
 from tureen.core.checkpoints import safetensors_problem
+from tureen.core.llm.text import TextCodec
 from tureen.core.signature import Signature
+from tureen.core.text_splits import Batch, TextSplits, choice_log_likelihoods, is_text, question_log_softmax, read_jsonl
 from tureen.errors import EvaluationError, EvaluationMissing, OutOfMemory, SoupError
 from tureen.spec import METRICS, TASK_METRICS, EvalSet, Evaluation
 
@@ -32,17 +33,20 @@ Forward = Callable[[Mapping[str, torch.Tensor]], Any]
 """Runs the model on a batch of prepared inputs (on the device) and returns what forward returns."""
 
 
-@dataclass(frozen=True)
-class Batch:
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-
-
 class Evaluator:
     """The evaluation splits of one spec, loaded and checked, ready to score forwards."""
 
-    def __init__(self, evaluation: Evaluation, signature: Signature, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        evaluation: Evaluation,
+        signature: Signature,
+        device: torch.device,
+        dtype: torch.dtype,
+        tokenizer: str | None = None,
+    ) -> None:
+        """``tokenizer``: the Hugging Face directory whose tokenizer reads text splits."""
         self.evaluation = evaluation
+        self.tokenizer = tokenizer
         self.signature = signature
         self.device = device
         self.dtype = dtype
@@ -63,8 +67,12 @@ class Evaluator:
         """The split's batches on the device (loaded and checked on first use)."""
         if split not in self._splits:
             where = f"evaluation.splits.{split}"
-            rows = _read(self.evaluation.splits[split], where)
-            self._splits[split] = [self._to_device(b) for b in self._rebatch(rows, where)]
+            source = self.evaluation.splits[split]
+            rows = _read(source, where)
+            jsonl = source.path is not None and source.path.endswith(".jsonl")
+            text = jsonl or is_text(rows) or self.evaluation.task == "multiple-choice"
+            batches = self._text_batches(rows, where) if text else self._rebatch(rows, where)
+            self._splits[split] = [self._to_device(b) for b in batches]
         return self._splits[split]
 
     def score(self, forward: Forward, split: str) -> Scores:
@@ -83,10 +91,7 @@ class Evaluator:
                 logits = produced.get(self.output)
                 if not isinstance(logits, torch.Tensor):
                     raise EvaluationError(f"evaluation.output: forward produced no tensor {self.output!r}")
-                if self.evaluation.task == "classification":
-                    totals.add_classification(logits, batch.labels, where)
-                else:
-                    totals.add_tokens(logits, batch.labels, where)
+                totals.add(self.evaluation.task, logits, batch, where)
         return totals.scores(self.evaluation.task)
 
     def score_all(self, forward: Forward) -> dict[str, Scores]:
@@ -125,6 +130,22 @@ class Evaluator:
             raise EvaluationError(f"{where}: no {self.evaluation.labels!r} tensor (has: {', '.join(row)})")
         return {n: row[n] for n in names}, labels
 
+    def _text_batches(self, rows: list[Any], where: str) -> list[Batch]:
+        if self.evaluation.task == "classification":
+            raise EvaluationError(f"{where}: text rows score language-modeling or multiple-choice, not classification")
+        if self.tokenizer is None:
+            raise EvaluationError(f"{where}: text needs a tokenizer: the architecture must be huggingface, task causal-lm")
+        if not rows:
+            raise EvaluationError(f"{where}: the evaluation set is empty")
+        try:
+            codec = TextCodec.load(self.tokenizer)
+        except SoupError as exc:
+            raise EvaluationError(f"{where}: {exc}") from None
+        splits = TextSplits(codec, tuple(self.signature.inputs), self.evaluation.batch_size)
+        if self.evaluation.task == "multiple-choice":
+            return splits.questions(rows, where)
+        return splits.texts(rows, where)
+
     def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str) -> list[Batch]:
         names = tuple(self.signature.inputs)
         label_name = self.evaluation.labels
@@ -151,7 +172,7 @@ class Evaluator:
 
     def _to_device(self, batch: Batch) -> Batch:
         inputs = {n: (t.to(self.dtype) if t.is_floating_point() else t).to(self.device) for n, t in batch.inputs.items()}
-        return Batch(inputs, batch.labels.to(device=self.device, dtype=torch.int64))
+        return Batch(inputs, batch.labels.to(device=self.device, dtype=torch.int64), batch.choices)
 
 
 class _Totals:
@@ -164,6 +185,15 @@ class _Totals:
         self.bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
         self.bin_confidence = torch.zeros(ECE_BINS, dtype=torch.float64)
         self.bin_correct = torch.zeros(ECE_BINS, dtype=torch.float64)
+        self.correct_norm = 0
+
+    def add(self, task: str, logits: torch.Tensor, batch: Batch, where: str) -> None:
+        if task == "classification":
+            self.add_classification(logits, batch.labels, where)
+        elif task == "multiple-choice":
+            self.add_choices(logits, batch, where)
+        else:
+            self.add_tokens(logits, batch.labels, where)
 
     def add_classification(self, logits: torch.Tensor, labels: torch.Tensor, where: str) -> None:
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
@@ -200,11 +230,27 @@ class _Totals:
         self.nll += float(torch.nn.functional.cross_entropy(predicted[scored], target[scored], reduction="sum"))
         self.count += int(scored.sum())
 
+    def add_choices(self, logits: torch.Tensor, batch: Batch, where: str) -> None:
+        if batch.choices is None or logits.dim() != 3 or logits.shape[:2] != batch.labels.shape:
+            raise EvaluationError(f"{where}: multiple choice wants logits [rows, tokens, vocab]; got {list(logits.shape)}")
+        choices = batch.choices
+        sums = choice_log_likelihoods(logits, batch.labels)
+        counts = list(choices.counts)
+        lengths = torch.tensor(choices.lengths, dtype=torch.float64).split(counts)
+        per_question = zip(sums.double().cpu().split(counts), question_log_softmax(sums, choices), lengths, strict=True)
+        for (raw, log_p, length), answer in zip(per_question, choices.answers, strict=True):
+            self.nll -= float(log_p[answer])
+            self.correct += int(int(raw.argmax()) == answer)
+            self.correct_norm += int(int((raw / length).argmax()) == answer)
+            self.count += 1
+
     def scores(self, task: str) -> Scores:
         if self.count == 0:
             raise EvaluationError("evaluation: no labelled rows or tokens to score")
         nll = self.nll / self.count
-        if task == "language-modeling":
+        if task == "multiple-choice":
+            values = {"accuracy": self.correct / self.count, "accuracy_norm": self.correct_norm / self.count, "nll": nll}
+        elif task == "language-modeling":
             values = {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}
         else:
             filled = self.bin_count > 0
@@ -214,9 +260,11 @@ class _Totals:
         return {name: values[name] for name in TASK_METRICS[task]}
 
 
-def _read(source: EvalSet, where: str) -> Iterable[Mapping[str, torch.Tensor]]:
+def _read(source: EvalSet, where: str) -> list[Any]:
     if source.path is not None:
         path = Path(source.path)
+        if source.path.endswith(".jsonl"):
+            return read_jsonl(path, f"{where}.path")
         if not path.is_file():
             raise EvaluationMissing(f"{where}.path: no such file: {path}")
         try:

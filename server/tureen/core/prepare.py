@@ -55,5 +55,7 @@ def prepare(
     check_compatible(spec, ingredients, {k: v for k, v in skeleton.state_dict().items() if k not in tied})
     evaluator = None
     if spec.evaluation is not None:
-        evaluator = Evaluator(spec.evaluation, signature, pool.device, BLEND_DTYPES[spec.dtype])
+        arch = spec.architecture
+        tokenizer = arch.huggingface if arch.huggingface is not None and arch.task == "causal-lm" else None
+        evaluator = Evaluator(spec.evaluation, signature, pool.device, BLEND_DTYPES[spec.dtype], tokenizer)
     return Prepared(spec, ingredients, skeleton, signature, evaluator, vocabulary)

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from tureen.core.architecture import outputs_by_name
-from tureen.core.evaluation import Batch, Evaluator, Scores
+from tureen.core.evaluation import Evaluator, Scores
 from tureen.core.ingredients import Ingredient
 from tureen.core.recipe import mix
+from tureen.core.text_splits import Batch, choice_log_likelihoods, question_log_softmax
 from tureen.errors import SpecInvalid
 from tureen.merge.methods import SEARCH_METHODS, SEARCHES, MethodDecl, SearchMethod, named_function
 from tureen.spec import MergeSpec, SoupSpec
@@ -215,6 +216,9 @@ def _loss(result: Any, batch: Batch, ev: Evaluator) -> torch.Tensor:
     logits = outputs_by_name(result, tuple(ev.signature.outputs))[ev.output].float()
     if ev.evaluation.task == "classification":
         return torch.nn.functional.cross_entropy(logits, batch.labels)
+    if batch.choices is not None:  # multiple choice: the right answer's share of each question's softmax
+        per_question = question_log_softmax(choice_log_likelihoods(logits, batch.labels), batch.choices)
+        return -torch.stack([log_p[a] for log_p, a in zip(per_question, batch.choices.answers, strict=True)]).mean()
     vocab = logits.shape[-1]
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, vocab), batch.labels[:, 1:].reshape(-1), ignore_index=-100

@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Task = Literal["classification", "language-modeling"]
-Metric = Literal["accuracy", "nll", "ece", "perplexity"]
+Task = Literal["classification", "language-modeling", "multiple-choice"]
+Metric = Literal["accuracy", "accuracy_norm", "nll", "ece", "perplexity"]
 """Spelled out for the spec's schema; ``tests/test_spec.py`` checks that it lists ``METRICS``."""
 
 
@@ -30,8 +30,19 @@ class EvalMetric:
 METRICS: Mapping[str, EvalMetric] = {
     metric.name: metric
     for metric in (
-        EvalMetric("accuracy", True, ("classification",), "accuracy"),
-        EvalMetric("nll", False, ("classification", "language-modeling"), "negative log-likelihood per sample (or token)"),
+        EvalMetric("accuracy", True, ("classification", "multiple-choice"), "accuracy"),
+        EvalMetric(
+            "accuracy_norm",
+            True,
+            ("multiple-choice",),
+            "accuracy when each choice's log-likelihood is divided by its length in characters",
+        ),
+        EvalMetric(
+            "nll",
+            False,
+            ("classification", "language-modeling", "multiple-choice"),
+            "negative log-likelihood per sample, token or question",
+        ),
         EvalMetric("ece", False, ("classification",), "expected calibration error (15 bins)"),
         EvalMetric("perplexity", False, ("language-modeling",), "perplexity"),
     )
@@ -42,5 +53,9 @@ HIGHER_IS_BETTER: Mapping[str, bool] = {name: metric.higher_is_better for name, 
 TASK_METRICS: Mapping[str, tuple[str, ...]] = {
     task: tuple(name for name, metric in METRICS.items() if task in metric.tasks) for task in get_args(Task)
 }
-DEFAULT_METRIC: Mapping[str, str] = {"classification": "accuracy", "language-modeling": "perplexity"}
+DEFAULT_METRIC: Mapping[str, str] = {
+    "classification": "accuracy",
+    "language-modeling": "perplexity",
+    "multiple-choice": "accuracy",
+}
 """The metric that decides (searches, the gate) when the spec names none."""

@@ -207,14 +207,15 @@ class MergeSpec(_Frozen):
 
 
 class EvalSet(_FactoryOr):
-    """One evaluation split: a safetensors file of input tensors plus labels, or a factory."""
+    """One evaluation split: a safetensors file of input tensors plus labels, text, or a factory."""
 
     sources = ("path", "factory")
 
     path: str | None = Field(default=None, min_length=1)
-    """A safetensors file (relative to the spec file): a tensor per model input, plus the labels."""
+    """A safetensors file (relative to the spec file): a tensor per model input, plus the labels;
+    or, for a causal LM, a ``.jsonl`` file of ``{"text"}`` or ``{"prompt", "choices", "answer"}`` rows."""
     factory: Factory | None = None
-    """``module:callable`` returning an iterable of batches (mappings of tensor name to tensor)."""
+    """``module:callable`` returning an iterable of batches (mappings of tensor name to tensor) or text rows."""
     kwargs: Kwargs = Field(default_factory=FrozenDict)
 
 
@@ -226,7 +227,7 @@ class Evaluation(_Frozen):
     select: str | None = None
     """The split that searches and the rollout gate use (default: the first one listed)."""
     metric: Metric | None = None
-    """The metric searches and the gate compare (default: accuracy, or perplexity for language models)."""
+    """The metric searches and the gate compare (default: accuracy; perplexity for language modeling)."""
     output: str | None = None
     """The output holding the logits (default: the interface's first output)."""
     labels: str = Field(default="labels", min_length=1)

@@ -145,12 +145,31 @@ def _evaluation_needed(spec: SoupSpec, method: MethodDecl) -> Problems:
         problems.append(("evaluation", f"method {method.name!r} searches on held-out data; add an evaluation section"))
     if spec.merge.grid is not None and spec.evaluation is None:
         problems.append(("merge.grid", "a grid search scores each point on held-out data; add an evaluation section"))
+    problems += _text_needs_tokenizer(spec)
     canary = spec.rollout.canary if spec.rollout is not None else None
     if canary is not None and spec.evaluation is not None and spec.evaluation.task != "classification":
         problems.append(("rollout.canary", "canaries are judged by online accuracy, so the task must be classification"))
     if spec.rollout is not None and spec.rollout.gate is not None and spec.evaluation is None:
         problems.append(("rollout.gate", "the gate compares evaluations; add an evaluation section"))
     return problems
+
+
+def _text_needs_tokenizer(spec: SoupSpec) -> Problems:
+    """Text splits are read by the model's tokenizer: only a Hugging Face causal LM has one."""
+    evaluation, arch = spec.evaluation, spec.architecture
+    if evaluation is None:
+        return []
+    if evaluation.task == "multiple-choice":
+        tensors = [n for n, split in evaluation.splits.items() if split.path is not None and not split.path.endswith(".jsonl")]
+        if tensors:
+            return [(f"evaluation.splits.{tensors[0]}.path", "multiple-choice reads .jsonl rows of prompt, choices, answer")]
+    if arch is not None and arch.huggingface is not None and arch.task == "causal-lm":
+        return []
+    why = "needs a causal LM's tokenizer (architecture: huggingface, task causal-lm)"
+    if evaluation.task == "multiple-choice":
+        return [("evaluation.task", f"multiple-choice {why}")]
+    texts = [n for n, split in evaluation.splits.items() if split.path is not None and split.path.endswith(".jsonl")]
+    return [(f"evaluation.splits.{name}.path", f"a .jsonl split is text, which {why}") for name in texts]
 
 
 def merge_references(merge: MergeSpec, method: MethodDecl, names: list[str]) -> Problems:
