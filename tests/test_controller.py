@@ -23,6 +23,7 @@ from tureen.core.kitchen import Kitchen
 from tureen.core.lifecycle import TRANSITIONS, IllegalTransition, Lifecycle
 from tureen.core.observer import NullObserver
 from tureen.core.policy import SpecPolicy
+from tureen.core.rollout import Feedback
 from tureen.core.store import SpecStore
 from tureen.errors import GateRejected, IngredientCorrupt, IngredientMissing, ModelNotFound, PermissionDenied, VersionConflict
 from tureen.spec import SoupSpec, parse_spec
@@ -176,7 +177,7 @@ def judge_by_feedback(c: Controller, pantry: Pantry, canary_version: int) -> str
         predicted = int(blend.forward({"pixels": row})["logits"].argmax())
         c.online.predicted("digits", f"r{i}", version, [predicted])
         truth = int(pantry.y[i]) if version != canary_version else (predicted + 1) % 10
-        c.feedback("digits", f"r{i}", [truth])
+        c.feedback("digits", f"r{i}", Feedback(labels=(truth,)))
         if c.repository.canary("digits") is None:
             return c.status()[0].canary_note.split(" (")[0]
     return "undecided"

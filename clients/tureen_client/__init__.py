@@ -136,12 +136,22 @@ class SoupClient:
         """End the model's canary by sending all traffic back to the active version."""
         return _dict(self._call(self._stub.AbortCanary, pb.CanaryRequest(model=model)).version)
 
-    def feedback(self, model: str, request_id: str, labels: int | list[int]) -> int | None:
-        """Report the true label(s) of an inference request sent with ``request_id``; returns the
-        version that answered it, or None when the server does not know that request id.
-        (With tokens configured, this call takes the inference token, as applications hold.)"""
-        labels = [labels] if isinstance(labels, int) else list(labels)
-        request = pb.FeedbackRequest(model=model, request_id=request_id, labels=labels)
+    def feedback(
+        self,
+        model: str,
+        request_id: str,
+        labels: int | list[int] | None = None,
+        *,
+        score: float | None = None,
+        thumbs_up: bool | None = None,
+    ) -> int | None:
+        """Report how a request sent with ``request_id`` went: its true label(s), or a reward
+        (``score`` from 0 to 1, or ``thumbs_up`` True / False); returns the version that
+        answered it, or None when the server does not know that request id. (With tokens
+        configured, this call takes the inference token, as applications hold.)"""
+        labels = [] if labels is None else [labels] if isinstance(labels, int) else list(labels)
+        thumbs = pb.THUMBS_UNSPECIFIED if thumbs_up is None else pb.THUMBS_UP if thumbs_up else pb.THUMBS_DOWN
+        request = pb.FeedbackRequest(model=model, request_id=request_id, labels=labels, score=score, thumbs=thumbs)
         reply = self._call(self._feedback.Feedback, request)
         return int(reply.version) if reply.matched else None
 

@@ -22,7 +22,7 @@ from tureen.core.lifecycle import Lifecycle, shown_state
 from tureen.core.observer import Observer
 from tureen.core.policy import SpecPolicy
 from tureen.core.residency import Residency
-from tureen.core.rollout import OnlineAccuracy
+from tureen.core.rollout import Feedback, OnlineAccuracy
 from tureen.core.rollout_control import RolloutControl
 from tureen.core.status import Changes, ModelStatus, model_status
 from tureen.core.store import Pointer, SpecStore, StoredVersion
@@ -276,10 +276,10 @@ class Controller:
         self.changes.bump()
         return self.store.get(model, version)
 
-    def feedback(self, model: str, request_id: str, labels: list[int]) -> int | None:
+    def feedback(self, model: str, request_id: str, feedback: Feedback) -> int | None:
         """Score the version that answered ``request_id``; act on the canary's verdict once it has one.
         Returns that version, or None for an unknown request id (counted, never an error)."""
-        judged = self.rollout.judge(model, request_id, labels)
+        judged = self.rollout.judge(model, request_id, feedback)
         if judged.verdict is None or judged.route is None or judged.verdict.decision not in ("promote", "rollback"):
             return judged.version
         try:

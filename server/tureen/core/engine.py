@@ -119,7 +119,7 @@ class Engine:
         self._observer = observer
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-forward")
-        self.generations = Generations(repository, self.statistics, observer, self.failed)
+        self.generations = Generations(repository, self.statistics, observer, self.failed, self.online)
 
     async def serve(self, call: Call[T]) -> T:
         """Decode, route, check, queue, compute and encode one request; count it once."""
@@ -243,7 +243,7 @@ class Engine:
         assert work.timings is not None
         blend, timings = work.blend, work.timings
         total = time.perf_counter_ns() - work.received_ns
-        if work.classes is not None and work.request.id:  # kept so that Feedback can score this request later
+        if work.request.id:  # kept so that Feedback can score this request later
             self.online.predicted(blend.model, work.request.id, blend.version, work.classes)
         self.statistics.success(blend.model, blend.version, work.rows, total, timings)
         self._observer.request_finished(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from tureen.core.blends import Blend, BlendRepository, CanaryRoute
 from tureen.core.lifecycle import Lifecycle
 from tureen.core.observer import Observer
-from tureen.core.rollout import OnlineAccuracy, Verdict, check_gate, decide
+from tureen.core.rollout import Feedback, OnlineAccuracy, Verdict, check_gate, decide
 from tureen.core.store import Pointer, SpecStore, StoredVersion
 from tureen.errors import GateRejected, InvalidRequest, ModelNotFound, SoupError, VersionConflict
 from tureen.spec import name_problem
@@ -112,21 +112,17 @@ class RolloutControl:
         _log.warning("model %s: canary version %d rolled back (%s)", model, version, why)
         return version
 
-    def judge(self, model: str, request_id: str, labels: list[int]) -> Judged:
+    def judge(self, model: str, request_id: str, feedback: Feedback) -> Judged:
         """Score the version that answered ``request_id`` and say whether the canary is decided.
         An unknown request id is counted, never an error."""
         for field, value in (("model", model), ("request_id", request_id)):
             if not value:
                 raise InvalidRequest(f"{field}: required")
-        if not labels:
-            raise InvalidRequest("labels: give the true class of each row of the request")
+        feedback.reward()  # malformed feedback is refused whether or not the id is known
         if (problem := name_problem(model)) is not None:
             raise InvalidRequest(f"model: {problem}")
         self.known(model)
-        try:
-            prediction = self.online.labelled(model, request_id, labels)
-        except ValueError as exc:
-            raise InvalidRequest(f"labels: {exc}") from None
+        prediction = self.online.scored(model, request_id, feedback)
         if prediction is None:
             self._observer.feedback_ignored(model)
             return Judged(None)

@@ -142,13 +142,13 @@ class PrometheusObserver:
         self.tokens = TokenMetrics(self.registry)
         self.online = Gauge(
             "tureen_online_accuracy",
-            "Rolling accuracy of each version on live requests whose true label came back as feedback.",
+            "Rolling accuracy of each version on live feedback: labelled rows that were right, or the mean reward.",
             ("model", "version"),
             registry=self.registry,
         )
         self.online_samples = Gauge(
             "tureen_online_labelled_samples",
-            "Labelled live requests behind tureen_online_accuracy.",
+            "Feedback outcomes (labelled rows, rewards) behind tureen_online_accuracy.",
             ("model", "version"),
             registry=self.registry,
         )

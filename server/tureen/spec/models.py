@@ -267,20 +267,21 @@ class Gate(_Frozen):
 
 
 class Canary(_Frozen):
-    """Send a share of traffic to the candidate, then promote or roll back on labelled feedback."""
+    """Send a share of traffic to the candidate, then promote or roll back on live feedback
+    (labels of a classifier's rows, or rewards for any response)."""
 
     percent: float = Field(gt=0.0, lt=100.0)
     """Share of requests the candidate takes; below 100, so that the active version is labelled too."""
     sticky: str | None = Field(default=None, min_length=1)
     """A request parameter whose value picks the blend (the same value, the same blend)."""
     min_samples: int = Field(default=200, ge=1)
-    """Labelled requests each blend needs before the canary is decided."""
+    """Feedback outcomes (labelled rows, or rewards) each blend needs before the canary is decided."""
     margin: float = Field(default=0.0, ge=0.0, le=1.0)
-    """How much lower the candidate's online accuracy may be and still count as not worse."""
+    """How much lower the candidate's online accuracy (or mean reward) may be and still count as not worse."""
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
     """Significance level of the one-sided tests that decide (two-proportion z-tests)."""
     max_samples: int = Field(default=5000, ge=1)
-    """Labelled candidate requests after which an undecided canary is rolled back."""
+    """Candidate outcomes after which an undecided canary is rolled back."""
 
     @model_validator(mode="after")
     def _bounds(self) -> Canary:

@@ -139,16 +139,13 @@ def _ingredient_problems(spec: SoupSpec, method: MethodDecl) -> Problems:
 
 
 def _evaluation_needed(spec: SoupSpec, method: MethodDecl) -> Problems:
-    """Sections that only work with an evaluation section, or with a classification one."""
+    """Sections that only work with an evaluation section, or with a causal LM's tokenizer."""
     problems: Problems = []
     if method.search and spec.evaluation is None:
         problems.append(("evaluation", f"method {method.name!r} searches on held-out data; add an evaluation section"))
     if spec.merge.grid is not None and spec.evaluation is None:
         problems.append(("merge.grid", "a grid search scores each point on held-out data; add an evaluation section"))
     problems += _text_needs_tokenizer(spec)
-    canary = spec.rollout.canary if spec.rollout is not None else None
-    if canary is not None and spec.evaluation is not None and spec.evaluation.task != "classification":
-        problems.append(("rollout.canary", "canaries are judged by online accuracy, so the task must be classification"))
     if spec.rollout is not None and spec.rollout.gate is not None and spec.evaluation is None:
         problems.append(("rollout.gate", "the gate compares evaluations; add an evaluation section"))
     return problems

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,15 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Thumbs(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    THUMBS_UNSPECIFIED: _ClassVar[Thumbs]
+    THUMBS_UP: _ClassVar[Thumbs]
+    THUMBS_DOWN: _ClassVar[Thumbs]
+THUMBS_UNSPECIFIED: Thumbs
+THUMBS_UP: Thumbs
+THUMBS_DOWN: Thumbs
+
 class FeedbackRequest(_message.Message):
-    __slots__ = ("model", "request_id", "labels")
+    __slots__ = ("model", "request_id", "labels", "score", "thumbs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     labels: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
+    score: float
+    thumbs: Thumbs
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Iterable[int]] = ..., score: _Optional[float] = ..., thumbs: _Optional[_Union[Thumbs, str]] = ...) -> None: ...
 
 class FeedbackReply(_message.Message):
     __slots__ = ("matched", "version")

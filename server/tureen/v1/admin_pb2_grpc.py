@@ -517,8 +517,9 @@ class SoupFeedbackServicer:
     """
 
     def Feedback(self, request, context):
-        """The true labels (one per row) of an inference request, by the id it was sent with. The
-        version that answered is scored; an unknown or forgotten id is counted and ignored.
+        """How an inference or generation request went, by the id it was sent with: the true labels
+        (one per row), or a reward (a score, or thumbs up or down). The version that answered is
+        scored; an unknown or forgotten id is counted and ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

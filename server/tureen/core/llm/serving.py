@@ -23,6 +23,7 @@ from tureen.core.llm.loop import Generator
 from tureen.core.llm.sampling import SamplingParameters
 from tureen.core.llm.text import TextCodec
 from tureen.core.observer import GenerationRecord, Observer
+from tureen.core.rollout import OnlineAccuracy
 from tureen.core.statistics import StatisticsBook, Timings
 from tureen.errors import ArchitectureError, Cancelled, InferenceFailed, InvalidRequest, SoupError
 
@@ -70,8 +71,8 @@ class _Lane:
 class Stream:
     """One generation as its transport reads it: ``async for chunk in stream``."""
 
-    def __init__(self, owner: Generations, blend: Blend, generation: Generation, received_ns: int) -> None:
-        self.model, self.version = blend.model, blend.version
+    def __init__(self, owner: Generations, blend: Blend, generation: Generation, received_ns: int, request_id: str) -> None:
+        self.model, self.version, self.request_id = blend.model, blend.version, request_id
         self.prompt_tokens = len(generation.prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -87,7 +88,7 @@ class Stream:
         self._generation.cancel()
         if error is None and self.finish_reason is None:
             error = Cancelled("the caller went away before the generation ended")
-        self._owner.finished(self._blend, self._generation, self._received, error)
+        self._owner.finished(self._blend, self._generation, self._received, self.request_id, error)
 
     def __del__(self) -> None:  # a response dropped before it was read (its client left at once)
         with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing left to count
@@ -127,8 +128,11 @@ class Generations:
         statistics: StatisticsBook,
         observer: Observer,
         failed: Callable[[str, int, Blend | None, SoupError], None],
+        online: OnlineAccuracy,
     ) -> None:
-        """``failed(model, received_ns, blend, error)``: the engine's one way to count a failure."""
+        """``failed(model, received_ns, blend, error)``: the engine's one way to count a failure;
+        ``online`` remembers which version answered each request id, for feedback."""
+        self._online = online
         self._repository = repository
         self._statistics = statistics
         self._observer = observer
@@ -155,7 +159,7 @@ class Generations:
             self._failed(model, received_ns, blend, failure)
             raise failure from exc
         lane.generator.submit(generation)
-        return Stream(self, blend, generation, received_ns)
+        return Stream(self, blend, generation, received_ns, request.id)
 
     def _sampling(self, request: GenerateRequest, blend: Blend) -> dict[str, Any]:
         """The request's parameters less those that route it (a sticky canary's key, whether a
@@ -217,7 +221,7 @@ class Generations:
 
     # ---- accounting ----------------------------------------------------------------------------
 
-    def finished(self, blend: Blend, generation: Generation, received_ns: int, error: SoupError | None) -> None:
+    def finished(self, blend: Blend, generation: Generation, received_ns: int, request_id: str, error: SoupError | None) -> None:
         now = time.perf_counter_ns()
         times, version = generation.token_ns, str(blend.version)
         if error is not None:
@@ -226,6 +230,8 @@ class Generations:
             return
         queue = (generation.started_ns or now) - received_ns
         timings = Timings(queue, 0, now - (generation.started_ns or now), 0)
+        if request_id:  # a reward for this response can come back as feedback
+            self._online.predicted(blend.model, request_id, blend.version, None)
         self._statistics.success(blend.model, blend.version, 1, now - received_ns, timings)
         self._observer.request_finished(blend.model, version, None, (now - received_ns) / 1e9, queue / 1e9, timings.compute / 1e9)
         first = (times[0] - received_ns) / 1e9 if times else None

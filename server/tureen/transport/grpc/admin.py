@@ -10,6 +10,7 @@ import grpc
 
 from tureen.core.controller import Controller
 from tureen.core.ingredients import IngredientPool
+from tureen.core.rollout import Feedback
 from tureen.core.status import ModelStatus
 from tureen.core.store import StoredVersion
 from tureen.spec import spec_document, spec_from_json
@@ -137,11 +138,14 @@ def _encode_status(status: ModelStatus) -> pb.ModelStatus:
 
 
 class FeedbackServicer(admin_pb2_grpc.SoupFeedbackServicer):
-    """Applications report true labels by request id; the controller scores and decides canaries."""
+    """Applications report true labels or rewards by request id; the controller scores and decides canaries."""
 
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
 
     def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackReply:
-        version = self._controller.feedback(request.model, request.request_id, list(request.labels))
+        thumbs = {pb.THUMBS_UP: True, pb.THUMBS_DOWN: False}.get(request.thumbs)
+        score = request.score if request.HasField("score") else None
+        feedback = Feedback(labels=tuple(request.labels), score=score, thumbs=thumbs)
+        version = self._controller.feedback(request.model, request.request_id, feedback)
         return pb.FeedbackReply(matched=version is not None, version=version or 0)

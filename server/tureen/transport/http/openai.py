@@ -9,6 +9,7 @@ refused by name rather than ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -62,15 +63,16 @@ class OpenAIRoutes:
         received = time.perf_counter_ns()
         body = await request.body()
         document: dict[str, Any] = {}
+        # The response's id is the request id that feedback names later.
+        ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
 
         def decoding() -> GenerateRequest:
             document.update(codec.json_object(body))
-            return decode(document)
+            return dataclasses.replace(decode(document), id=ident)
 
         model = _model_name(body)
         stream = self._engine.generate(model, received, decoding)
         generate_stream = bool(document.get("stream"))
-        ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         if generate_stream:
             options = document.get("stream_options") or {}
             usage = isinstance(options, dict) and options.get("include_usage") is True

@@ -24,6 +24,7 @@ from tureen.core.access import Access, Kind, bearer_of
 from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Call, Engine
+from tureen.core.rollout import Feedback
 from tureen.errors import InvalidRequest
 from tureen.spec import spec_from_json
 from tureen.transport import triton
@@ -57,6 +58,7 @@ class Routes:
             Route("/v2/repository/index", self._guard("admin", self.index), methods=["POST"]),
             Route("/v2/repository/models/{model}/load", self._guard("admin", self.load), methods=["POST"]),
             Route("/v2/repository/models/{model}/unload", self._guard("admin", self.unload), methods=["POST"]),
+            Route(model + "/feedback", self._guard("inference", self.feedback), methods=["POST"]),
         ]
         for prefix in versioned:
             routes += [
@@ -140,6 +142,12 @@ class Routes:
         encoded = await self._engine.serve(call)
         return Response(encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))
 
+    async def feedback(self, request: Request) -> Response:
+        """Tureen's feedback call over HTTP: ``{"request_id", "labels" | "score" | "thumbs"}``."""
+        request_id, feedback = _feedback(await _json_body(request))
+        version = await run_in_threadpool(self._controller.feedback, request.path_params["model"], request_id, feedback)
+        return JSONResponse({"matched": version is not None, "version": str(version or "")})
+
     # ---- the model repository --------------------------------------------------------------------
 
     async def index(self, request: Request) -> Response:
@@ -164,6 +172,26 @@ class Routes:
     async def unload(self, request: Request) -> Response:
         await run_in_threadpool(self._controller.unload, request.path_params["model"], _who(request))
         return Response(status_code=200)
+
+
+def _feedback(document: dict[str, Any]) -> tuple[str, Feedback]:
+    unknown = sorted(set(document) - {"request_id", "labels", "score", "thumbs"})
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: not a feedback field (request_id, labels, score, thumbs)")
+    request_id, labels = document.get("request_id", ""), document.get("labels", [])
+    score, thumbs = document.get("score"), document.get("thumbs")
+    if not isinstance(request_id, str):
+        raise InvalidRequest("request_id: expected the id the request was sent with")
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = [labels]
+    if not isinstance(labels, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        raise InvalidRequest("labels: expected a class id or a list of them, one per row")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise InvalidRequest("score: expected a number from 0 to 1")
+    if thumbs not in (None, "up", "down"):
+        raise InvalidRequest('thumbs: expected "up" or "down"')
+    up = None if thumbs is None else thumbs == "up"
+    return request_id, Feedback(tuple(labels), None if score is None else float(score), up)
 
 
 def _names(request: Request) -> tuple[str, str]:
