@@ -7,6 +7,7 @@ standard library's json package; greedy generations are checked against transfor
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import queue
@@ -22,9 +23,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from helpers import running_app, sample, scrape, text_llama, write_spec
+from helpers import llama_with_tokens, running_app, sample, scrape, text_llama, write_spec
 from tureen.spec import load_spec
 
 transformers = pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
@@ -361,3 +363,91 @@ def test_a_text_request_that_cannot_be_decoded_is_counted_against_its_model(llm:
     with pytest.raises(openai.BadRequestError, match="prompt"):
         client.completions.create(model="tiny", prompt=[1, 2, 3], max_tokens=2)
     assert status == 400 and refused() == before + 3
+
+
+def test_text_over_http_infer_equals_model_generate_with_json_and_binary_tensors(llm: tuple[Any, Any, Any]) -> None:
+    app, reference, tokenizer = llm
+    expected = greedy(reference, tokenizer, PROMPT, 10)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{app.http_port}") as client:
+        answers = []
+        for binary in (True, False):
+            inputs = [httpclient.InferInput("text_input", [1], "BYTES"), httpclient.InferInput("max_tokens", [1], "INT32")]
+            inputs[0].set_data_from_numpy(np.array([PROMPT.encode()], dtype=np.object_), binary_data=binary)
+            inputs[1].set_data_from_numpy(np.array([10], dtype=np.int32), binary_data=binary)
+            outputs = [httpclient.InferRequestedOutput("text_output", binary_data=binary)]
+            result = client.infer("tiny", inputs, outputs=outputs, request_id=f"h{binary}", parameters={"temperature": 0.0})
+            answers.append(result.as_numpy("text_output")[0])
+            assert result.get_response()["model_version"] == "1" and result.get_response()["id"] == f"h{binary}"
+        inputs[1].set_data_from_numpy(np.array([-1], dtype=np.int32))
+        with pytest.raises(InferenceServerException, match="max_tokens"):
+            client.infer("tiny", inputs)
+    assert [a.decode() if isinstance(a, bytes) else a for a in answers] == [PROMPT + expected] * 2
+    status, raw = post(
+        app.http_port,
+        "/v2/models/tiny/infer",
+        {
+            "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}],
+            "parameters": {"max_tokens": 4, "stream": True},
+        },
+    )
+    assert status == 400 and b"parameters.stream" in raw
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tiny/generate", "/v1/completions", "/v2/models/tiny/infer"])
+def test_a_non_streamed_generation_whose_client_goes_away_stops(llm: tuple[Any, Any, Any], path: str) -> None:
+    app, _, _ = llm
+    cancelled = lambda page: sample(page, "tureen_request_failure_total", model="tiny", version="1", reason="cancelled") or 0  # noqa: E731
+    tokens = lambda page: sample(page, "tureen_generation_tokens_total", model="tiny", version="1") or 0  # noqa: E731
+    before = scrape(app)
+    sampling = {"max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    body: dict[str, Any] = {"text_input": PROMPT, "parameters": sampling}
+    if path == "/v1/completions":
+        body = {"model": "tiny", "prompt": PROMPT, **sampling}
+    elif path.endswith("/infer"):
+        body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [PROMPT]}], "parameters": sampling}
+    connection = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=30)
+    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while (
+        time.monotonic() < deadline
+        and tokens(scrape(app)) == tokens(before)
+        and sample(scrape(app), "tureen_requests_running", model="tiny", version="1") == 0
+    ):
+        time.sleep(0.01)  # wait until it generates
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    while time.monotonic() < deadline:
+        after = scrape(app)
+        if cancelled(after) > cancelled(before) and sample(after, "tureen_requests_running", model="tiny", version="1") == 0:
+            break
+        time.sleep(0.05)
+    assert cancelled(after) == cancelled(before) + 1
+    assert tokens(after) - tokens(before) < 480  # it stopped well before max_tokens
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["byte-level BPE", "word level"])
+def test_chunks_decoded_a_piece_at_a_time_add_up_to_one_decode_of_every_token(tmp_path: Path, tokenizer_kind: str) -> None:
+    """Multi-byte characters split over byte tokens, and a tokenizer that joins words with spaces:
+    the streamed pieces never show a half character and join to exactly the whole decode."""
+    from tureen.core.llm.generation import Generation
+    from tureen.core.llm.sampling import SamplingParameters
+    from tureen.core.llm.text import TextCodec
+
+    if tokenizer_kind == "word level":
+        llama_with_tokens(tmp_path / "ft-0", 0, [])
+        text = " ".join(f"w{i % 60}" for i in range(40))
+    else:
+        text_llama(tmp_path, seeds=(0,))
+        text = 'héllo → 世界 ✓ "naïve" ' + Path(json.__file__).read_text()[:300] + " 🍲 soupe du jour"
+    codec = TextCodec.load(tmp_path / "ft-0")
+    ids = codec.tokenizer.encode(text, add_special_tokens=False)
+
+    async def pieces() -> list[str]:
+        parameters = SamplingParameters.of({"max_tokens": len(ids), "ignore_eos": True})
+        generation = Generation([ids[0]], parameters, codec)
+        return [generation.take(token).text for token in ids]
+
+    chunks = asyncio.run(pieces())
+    assert "".join(chunks) == codec.decode(ids)
+    assert not any("\ufffd" in chunk for chunk in chunks)
+    assert sum(1 for chunk in chunks if chunk) > len(ids) // 3  # it streams, not one piece at the end

@@ -50,3 +50,33 @@ def _unpacked(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequest(f"{where}: expected a JSON object of sampling parameters")
     return value
+
+
+def bytes_elements(name: str, raw: bytes | memoryview) -> list[bytes]:
+    """A raw BYTES tensor's elements: each is a 4-byte little-endian length, then its bytes."""
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidRequest(f"input {name!r}: raw BYTES data ends inside a length prefix")
+        size = int.from_bytes(raw[at : at + 4], "little")
+        if at + 4 + size > len(raw):
+            raise InvalidRequest(f"input {name!r}: a raw BYTES element claims {size} bytes past the end")
+        items.append(bytes(raw[at + 4 : at + 4 + size]))
+        at += 4 + size
+    return items
+
+
+def bytes_element(text: str) -> bytes:
+    """One string as raw BYTES tensor data."""
+    data = text.encode()
+    return len(data).to_bytes(4, "little") + data
+
+
+def one_string(name: str, items: list[bytes]) -> str:
+    """The text of a BYTES input that must hold exactly one UTF-8 string."""
+    if len(items) != 1:
+        raise InvalidRequest(f"input {name!r}: expected one string, got {len(items)}")
+    try:
+        return items[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"input {name!r}: the text is not UTF-8") from None

@@ -39,6 +39,10 @@ class Generation:
         self.chunks: asyncio.Queue[Chunk | SoupError] = asyncio.Queue()
         self.ids: list[int] = []
         self._sent = 0
+        self._text = ""
+        """The text of ``ids[:_read]``, built a piece at a time."""
+        self._prefix = self._read = 0
+        """``ids[_prefix:_read]``: the last piece, decoded again before new tokens as their context."""
         self.cancelled = False
         self.finished = False
         """Its last chunk is made (set on the loop's thread)."""
@@ -64,8 +68,8 @@ class Generation:
         ended = token in self._codec.eos_token_ids and not p.ignore_eos
         if not ended:
             self.ids.append(token)
-        text = self._codec.decode(self.ids)
         reason = "stop" if ended else "length" if len(self.token_ns) >= p.max_tokens else None
+        text = self._decoded(final=reason is not None)
         end = len(text)
         for stop in p.stop:
             found = text.find(stop, max(0, self._sent - len(stop) + 1))
@@ -74,11 +78,19 @@ class Generation:
         if reason is None:
             held = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
             end = len(text) - held
-            # A character whose bytes are still coming decodes as up to three marks (one per byte).
-            pending = text.find("\ufffd", max(self._sent, len(text) - 3))
-            if pending != -1:
-                end = min(end, pending)
         piece = text[self._sent : max(end, self._sent)]
         self._sent = max(end, self._sent)
         self.finished = reason is not None
         return Chunk(piece, 1, reason)
+
+    def _decoded(self, final: bool) -> str:
+        """The text so far, decoding only the tokens since the last piece (and that piece again,
+        so that a tokenizer's spacing at the join comes out as in one decode of them all). New
+        tokens that end inside a character (its bytes still coming decode as replacement marks)
+        wait for the rest, unless the generation ends here."""
+        context = self._codec.decode(self.ids[self._prefix : self._read])
+        fresh = self._codec.decode(self.ids[self._prefix :])
+        if len(fresh) > len(context) and (final or not fresh.endswith("\ufffd")):
+            self._text += fresh[len(context) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._text

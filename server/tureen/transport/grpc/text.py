@@ -15,7 +15,7 @@ from tureen.core.llm.serving import GenerateRequest, Stream
 from tureen.errors import InvalidRequest
 from tureen.transport import tensors
 from tureen.transport.grpc.codec import CONTENTS
-from tureen.transport.text import TEXT_INPUT, TEXT_OUTPUT, sampling_fields
+from tureen.transport.text import TEXT_INPUT, TEXT_OUTPUT, bytes_element, bytes_elements, one_string, sampling_fields
 
 FINAL = "triton_final_response"
 
@@ -49,8 +49,7 @@ def response(stream: Stream, request_id: str, text: str, final: bool | None = No
         out = message.outputs.add()
         out.name, out.datatype = TEXT_OUTPUT, "BYTES"
         out.shape.append(1)
-        data = text.encode()
-        message.raw_output_contents.append(len(data).to_bytes(4, "little") + data)
+        message.raw_output_contents.append(bytes_element(text))
     if final is not None:
         message.parameters[FINAL].bool_param = final
     return message
@@ -110,13 +109,7 @@ def _scalar(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) ->
     """The one value of a text request's input: a string for BYTES, else a number or a bool."""
     name = tensor.name
     if tensor.datatype == "BYTES":
-        items = _strings(tensor, raw)
-        if len(items) != 1:
-            raise InvalidRequest(f"input {name!r}: expected one string, got {len(items)}")
-        try:
-            return items[0].decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"input {name!r}: the text is not UTF-8") from None
+        return one_string(name, _strings(tensor, raw))
     if raw is not None:
         value = tensors.from_raw(name, tensor.datatype, tensor.shape, raw)
     elif tensor.datatype in CONTENTS and tensor.HasField("contents"):
@@ -130,19 +123,7 @@ def _scalar(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) ->
 
 
 def _strings(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[bytes]:
-    """A BYTES tensor's elements: raw data is each element's 4-byte little-endian length, then its bytes."""
-    if raw is None:
-        return list(tensor.contents.bytes_contents)
-    items, at = [], 0
-    while at < len(raw):
-        if at + 4 > len(raw):
-            raise InvalidRequest(f"input {tensor.name!r}: raw BYTES data ends inside a length prefix")
-        size = int.from_bytes(raw[at : at + 4], "little")
-        if at + 4 + size > len(raw):
-            raise InvalidRequest(f"input {tensor.name!r}: a raw BYTES element claims {size} bytes past the end")
-        items.append(bytes(raw[at + 4 : at + 4 + size]))
-        at += 4 + size
-    return items
+    return list(tensor.contents.bytes_contents) if raw is None else bytes_elements(tensor.name, raw)
 
 
 def _parameter(value: pb.InferParameter) -> Any:

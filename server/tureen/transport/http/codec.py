@@ -43,10 +43,10 @@ class Decoded:
 
 def decode_infer(body: bytes, header_length: str | None, model: str, version: str) -> Decoded:
     """The request in ``body`` for ``model`` (and ``version``, "" for the active one)."""
-    header, binary = _parts(body, header_length)
+    header, binary = split_body(body, header_length)
     document = json_object(header if isinstance(header, bytes) else bytes(header))
-    inputs = _inputs(_list(document, "inputs"), binary)
-    outputs = _list(document, "outputs", required=False)
+    inputs = _inputs(list_of_objects(document, "inputs"), binary)
+    outputs = list_of_objects(document, "outputs", required=False)
     names = tuple(_text(o, "name", f"outputs[{i}]") for i, o in enumerate(outputs)) or None
     parameters = _mapping(document.get("parameters"), "parameters")
     binary_out = frozenset(
@@ -101,7 +101,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def _parts(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
     """The JSON header and the binary data after it."""
     if header_length is None:
         return body, memoryview(b"")
@@ -115,8 +115,20 @@ def _parts(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     return view[:length], view[length:]
 
 
-def _inputs(entries: list[Any], binary: memoryview) -> dict[str, torch.Tensor]:
-    inputs: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class InputEntry:
+    """One input of a body, its data as JSON ``data`` or as its slice of the binary data."""
+
+    name: str
+    datatype: str
+    shape: list[Any]
+    data: Any = None
+    raw: memoryview | None = None
+
+
+def input_entries(entries: list[Any], binary: memoryview) -> list[InputEntry]:
+    """The body's inputs, each with its data; checks names, shapes and binary sizes."""
+    found: list[InputEntry] = []
     offset = 0
     for i, entry in enumerate(entries):
         where = f"inputs[{i}]"
@@ -124,7 +136,7 @@ def _inputs(entries: list[Any], binary: memoryview) -> dict[str, torch.Tensor]:
         shape = entry.get("shape")
         if not isinstance(shape, list):
             raise InvalidRequest(f"input {name!r}: shape must be a list of integers")
-        if name in inputs:
+        if any(e.name == name for e in found):
             raise InvalidRequest(f"input {name!r}: sent twice")
         size = _mapping(entry.get("parameters"), f"{where}.parameters").get("binary_data_size")
         if size is not None:
@@ -132,18 +144,27 @@ def _inputs(entries: list[Any], binary: memoryview) -> dict[str, torch.Tensor]:
                 raise InvalidRequest(
                     f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} bytes left"
                 )
-            inputs[name] = tensors.from_raw(name, datatype, shape, binary[offset : offset + size])
+            found.append(InputEntry(name, datatype, shape, raw=binary[offset : offset + size]))
             offset += size
         elif "data" in entry:
-            inputs[name] = tensors.from_values(name, datatype, shape, entry["data"], "data")
+            found.append(InputEntry(name, datatype, shape, data=entry["data"]))
         else:
             raise InvalidRequest(f"input {name!r}: no data and no binary_data_size")
     if offset != len(binary):
         raise InvalidRequest(f"request body: {len(binary) - offset} bytes of binary data that no input claims")
-    return inputs
+    return found
 
 
-def _list(document: Mapping[str, Any], key: str, required: bool = True) -> list[Any]:
+def _inputs(entries: list[Any], binary: memoryview) -> dict[str, torch.Tensor]:
+    return {
+        e.name: tensors.from_raw(e.name, e.datatype, e.shape, e.raw)
+        if e.raw is not None
+        else tensors.from_values(e.name, e.datatype, e.shape, e.data, "data")
+        for e in input_entries(entries, binary)
+    }
+
+
+def list_of_objects(document: Mapping[str, Any], key: str, required: bool = True) -> list[Any]:
     value = document.get(key)
     if value is None and not required:
         return []

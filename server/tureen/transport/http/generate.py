@@ -9,6 +9,8 @@ text; an error after the first event is an event of its own (``{"error": ...}``)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tureen.core.engine import Engine
 from tureen.core.llm.serving import GenerateRequest, Stream
-from tureen.errors import InvalidRequest, SoupError
+from tureen.errors import Cancelled, InvalidRequest, SoupError
 from tureen.transport.http import codec
 from tureen.transport.text import TEXT_INPUT, TEXT_OUTPUT, sampling_fields
 
@@ -31,7 +33,7 @@ class GenerateRoutes:
 
     async def generate(self, request: Request) -> Response:
         stream, generate, controls = await self._start(request, streaming=False)
-        text = await stream.text()
+        text = await whole_text(request, stream)
         prefix = "" if controls.get("exclude_input_in_output") else generate.prompt or ""
         return JSONResponse(_body(stream, generate.id, prefix + text))
 
@@ -50,6 +52,29 @@ class GenerateRoutes:
 
         stream = self._engine.generate(request.path_params["model"], received, decoding)
         return stream, *decoded[0]
+
+
+async def whole_text(request: Request, stream: Stream) -> str:
+    """The whole generated text; a client that leaves before it ends cancels the generation
+    (counted as cancelled), as a stream's reader does by going away."""
+    text = asyncio.ensure_future(stream.text())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({text, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not text.done():
+        text.cancel()  # closes the stream's chunks, which cancels the generation and counts it
+        with contextlib.suppress(asyncio.CancelledError):
+            await text
+        raise Cancelled("the client went away before the generation ended")
+    return text.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the client's disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _decode(request: Request, body: bytes, stream: bool) -> tuple[GenerateRequest, dict[str, Any]]:

@@ -26,6 +26,7 @@ from tureen.core.engine import Engine
 from tureen.core.llm.serving import GenerateRequest, Stream, generative
 from tureen.errors import InvalidRequest, SoupError
 from tureen.transport.http import codec
+from tureen.transport.http.generate import whole_text
 
 Guard = Callable[[Callable[[Request], Any]], Callable[[Request], Any]]
 IGNORED = ("user", "stream_options", "n", "logprobs", "presence_penalty", "frequency_penalty", "echo")
@@ -77,7 +78,7 @@ class OpenAIRoutes:
             options = document.get("stream_options") or {}
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return StreamingResponse(_events(stream, ident, kind, usage), media_type="text/event-stream")
-        text = await stream.text()
+        text = await whole_text(request, stream)
         if kind == "chat.completion":
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:

@@ -24,12 +24,13 @@ from tureen.core.access import Access, Kind, bearer_of
 from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Call, Engine
+from tureen.core.llm.serving import GenerateRequest
 from tureen.core.rollout import Feedback
 from tureen.errors import InvalidRequest
 from tureen.spec import spec_from_json
 from tureen.transport import triton
-from tureen.transport.http import codec
-from tureen.transport.http.generate import GenerateRoutes
+from tureen.transport.http import codec, text
+from tureen.transport.http.generate import GenerateRoutes, whole_text
 from tureen.transport.http.openai import OpenAIRoutes
 from tureen.transport.http.status import error_response, openai_error_response
 
@@ -132,6 +133,8 @@ class Routes:
         body = await request.body()
         model, version = _names(request)
         header_length = request.headers.get(codec.HEADER_LENGTH)
+        if text.is_text(body, header_length):
+            return await self._infer_text(request, received, body, header_length)
         decoded: list[codec.Decoded] = []
 
         def decode() -> Any:
@@ -147,6 +150,18 @@ class Routes:
         request_id, feedback = _feedback(await _json_body(request))
         version = await run_in_threadpool(self._controller.feedback, request.path_params["model"], request_id, feedback)
         return JSONResponse({"matched": version is not None, "version": str(version or "")})
+
+    async def _infer_text(self, request: Request, received: int, body: bytes, header_length: str | None) -> Response:
+        model, version = _names(request)
+        calls: list[text.TextCall] = []
+
+        def decode() -> GenerateRequest:
+            calls.append(text.decode(body, header_length, model, version))
+            return calls[0].request
+
+        stream = self._engine.generate(model, received, decode)
+        encoded = text.encode(stream, calls[0], await whole_text(request, stream))
+        return Response(encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))
 
     # ---- the model repository --------------------------------------------------------------------
 
