@@ -53,13 +53,14 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
 
 
-def soup(task: str, model: str, splits: dict[str, str], **evaluation: Any) -> dict[str, Any]:
+def soup(task: str, model: str, splits: dict[str, str | dict[str, str]], **evaluation: Any) -> dict[str, Any]:
+    sets = {n: {"path": p} if isinstance(p, str) else p for n, p in splits.items()}
     return {
         "apiVersion": "tureen/v1",
         "model": model,
         "architecture": {"huggingface": "ft-0", "task": "causal-lm"},
         "ingredients": [{"name": "ft-0", "path": "ft-0"}, {"name": "ft-1", "path": "ft-1"}],
-        "evaluation": {"task": task, "splits": {n: {"path": p} for n, p in splits.items()}, **evaluation},
+        "evaluation": {"task": task, "splits": sets, **evaluation},
     }
 
 
@@ -127,7 +128,9 @@ def test_perplexity_and_multiple_choice_scores_equal_a_hand_computation_with_tra
     kitchen: tuple[Path, list[dict[str, torch.Tensor]]],
 ) -> None:
     folder, states = kitchen
-    lm = load_spec(write_spec(folder, soup("language-modeling", "lm", {"text": "text.jsonl"}, batch_size=2), "lm.yaml"))
+    # A split may have a task of its own: questions beside text, in batches smaller than a question.
+    both = {"text": "text.jsonl", "questions": {"path": "choices.jsonl", "task": "multiple-choice"}}
+    lm = load_spec(write_spec(folder, soup("language-modeling", "lm", both, batch_size=2), "lm.yaml"))
     mc = load_spec(write_spec(folder, soup("multiple-choice", "mc", {"choices": "choices.jsonl"}, batch_size=7), "mc.yaml"))
     model = reference_model(folder, states)
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder / "ft-0")
@@ -136,7 +139,9 @@ def test_perplexity_and_multiple_choice_scores_equal_a_hand_computation_with_tra
     expected = hand_choices(model, tokenizer, questions())
     with running_app([lm, mc]) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
         served_lm, served_mc = scores_of(soups, "lm")["text"], scores_of(soups, "mc")["choices"]
+        beside_text = scores_of(soups, "lm")["questions"]
         page = scrape(app)
+    assert beside_text == pytest.approx(served_mc, rel=1e-6)
     assert served_lm["perplexity"] == pytest.approx(perplexity, rel=1e-4)
     assert served_lm["nll"] == pytest.approx(math.log(perplexity), rel=1e-4)
     assert set(served_mc) == {"accuracy", "accuracy_norm", "nll"}
@@ -197,6 +202,7 @@ def test_text_splits_that_cannot_be_scored_are_refused_by_split_and_row_and_the_
         # Problems the spec shows by itself are refused before anything is stored.
         refusals = [
             ("multiple-choice", {"c": "choices.jsonl"}, "evaluation.task"),
+            ("classification", {"c": {"path": "choices.jsonl", "task": "multiple-choice"}}, "evaluation.splits.c.task"),
             ("language-modeling", {"c": "text.jsonl"}, "evaluation.splits.c.path"),
         ]
         for task, splits, field in refusals:
@@ -208,6 +214,12 @@ def test_text_splits_that_cannot_be_scored_are_refused_by_split_and_row_and_the_
         with pytest.raises(SoupClientError) as caught:
             soups.push(write_spec(folder, soup("multiple-choice", "tiny", {"c": "c.safetensors"}), "tensors.yaml"))
         assert "evaluation.splits.c.path: multiple-choice reads .jsonl" in str(caught.value)
+        mixed = soup(
+            "language-modeling", "tiny", {"q": {"path": "choices.jsonl", "task": "multiple-choice"}}, metric="perplexity"
+        )
+        with pytest.raises(SoupClientError) as caught:
+            soups.push(write_spec(folder, mixed, "mixed.yaml"))
+        assert "evaluation.metric: the selected split 'q' is multiple-choice" in str(caught.value), str(caught.value)
         versions = soups.versions("tiny")
         assert versions[0]["state"] == "active" and len(versions) == 1 + len(BAD_ROWS)
         assert client.get_model_metadata("tiny").versions == ["1"]

@@ -85,7 +85,7 @@ class Blend:
         """The class each row of a classification forward predicts (argmax of the logits output),
         or None for models that are not scored as classifiers."""
         evaluation = self.spec.evaluation
-        if evaluation is not None and evaluation.task != "classification":
+        if evaluation is not None and evaluation.task_of(evaluation.selected) != "classification":
             return None
         name = evaluation.output if evaluation is not None and evaluation.output else next(iter(self.signature.outputs))
         logits = outputs_by_name(result, tuple(self.signature.outputs)).get(name)

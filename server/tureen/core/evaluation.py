@@ -70,8 +70,9 @@ class Evaluator:
             source = self.evaluation.splits[split]
             rows = _read(source, where)
             jsonl = source.path is not None and source.path.endswith(".jsonl")
-            text = jsonl or is_text(rows) or self.evaluation.task == "multiple-choice"
-            batches = self._text_batches(rows, where) if text else self._rebatch(rows, where)
+            task = self.evaluation.task_of(split)
+            text = jsonl or is_text(rows) or task == "multiple-choice"
+            batches = self._text_batches(rows, where, task) if text else self._rebatch(rows, where, task)
             self._splits[split] = [self._to_device(b) for b in batches]
         return self._splits[split]
 
@@ -79,6 +80,7 @@ class Evaluator:
         """Every metric of the task for ``forward`` on ``split``."""
         where = f"evaluation.splits.{split}"
         totals = _Totals()
+        task = self.evaluation.task_of(split)
         batches = self.batches(split)  # loaded outside inference mode: a learned soup trains on them
         with torch.inference_mode():
             for batch in batches:
@@ -91,8 +93,8 @@ class Evaluator:
                 logits = produced.get(self.output)
                 if not isinstance(logits, torch.Tensor):
                     raise EvaluationError(f"evaluation.output: forward produced no tensor {self.output!r}")
-                totals.add(self.evaluation.task, logits, batch, where)
-        return totals.scores(self.evaluation.task)
+                totals.add(task, logits, batch, where)
+        return totals.scores(task)
 
     def score_all(self, forward: Forward) -> dict[str, Scores]:
         """Scores on every split, by split name."""
@@ -114,7 +116,9 @@ class Evaluator:
         cast = {k: t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for k, t in state.items()}
         return lambda inputs: torch.func.functional_call(module, cast, args=(), kwargs=dict(inputs))
 
-    def _split_row(self, row: object, i: int, names: tuple[str, ...], where: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _split_row(
+        self, row: object, i: int, names: tuple[str, ...], where: str, task: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One batch of a split as (the model's inputs, the labels), or an error naming what is missing."""
         if not isinstance(row, Mapping):
             raise EvaluationError(f"{where}: batch {i} is a {type(row).__name__}, not a mapping of tensors")
@@ -124,14 +128,14 @@ class Evaluator:
                 f"{where}: no tensor {missing[0]!r} for the model's input (inputs: {', '.join(names)}; has: {', '.join(row)})"
             )
         labels = row.get(self.evaluation.labels)
-        if labels is None and self.evaluation.task == "language-modeling":
+        if labels is None and task == "language-modeling":
             labels = row[names[0]]  # a language model predicts its own input ids
         if labels is None:
             raise EvaluationError(f"{where}: no {self.evaluation.labels!r} tensor (has: {', '.join(row)})")
         return {n: row[n] for n in names}, labels
 
-    def _text_batches(self, rows: list[Any], where: str) -> list[Batch]:
-        if self.evaluation.task == "classification":
+    def _text_batches(self, rows: list[Any], where: str, task: str) -> list[Batch]:
+        if task == "classification":
             raise EvaluationError(f"{where}: text rows score language-modeling or multiple-choice, not classification")
         if self.tokenizer is None:
             raise EvaluationError(f"{where}: text needs a tokenizer: the architecture must be huggingface, task causal-lm")
@@ -142,16 +146,16 @@ class Evaluator:
         except SoupError as exc:
             raise EvaluationError(f"{where}: {exc}") from None
         splits = TextSplits(codec, tuple(self.signature.inputs), self.evaluation.batch_size)
-        if self.evaluation.task == "multiple-choice":
+        if task == "multiple-choice":
             return splits.questions(rows, where)
         return splits.texts(rows, where)
 
-    def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str) -> list[Batch]:
+    def _rebatch(self, rows: Iterable[Mapping[str, torch.Tensor]], where: str, task: str) -> list[Batch]:
         names = tuple(self.signature.inputs)
         label_name = self.evaluation.labels
         batches: list[Batch] = []
         for i, row in enumerate(rows):
-            inputs, labels = self._split_row(row, i, names, where)
+            inputs, labels = self._split_row(row, i, names, where, task)
             rows_in = {t.shape[0] if t.dim() else 0 for t in [*inputs.values(), labels]}
             if rows_in == {0}:
                 continue  # an empty batch adds nothing; a split with no rows at all is reported below

@@ -214,7 +214,7 @@ SEARCH_REGISTRY: Mapping[str, Search] = {
 
 def _loss(result: Any, batch: Batch, ev: Evaluator) -> torch.Tensor:
     logits = outputs_by_name(result, tuple(ev.signature.outputs))[ev.output].float()
-    if ev.evaluation.task == "classification":
+    if ev.evaluation.task_of(ev.selected) == "classification":
         return torch.nn.functional.cross_entropy(logits, batch.labels)
     if batch.choices is not None:  # multiple choice: the right answer's share of each question's softmax
         per_question = question_log_softmax(choice_log_likelihoods(logits, batch.labels), batch.choices)

@@ -217,6 +217,8 @@ class EvalSet(_FactoryOr):
     factory: Factory | None = None
     """``module:callable`` returning an iterable of batches (mappings of tensor name to tensor) or text rows."""
     kwargs: Kwargs = Field(default_factory=FrozenDict)
+    task: Task | None = None
+    """This split's task when it is not the evaluation's (a multiple-choice split beside text)."""
 
 
 class Evaluation(_Frozen):
@@ -244,8 +246,10 @@ class Evaluation(_Frozen):
                 problems.append((f"splits.{name}", "split names are letters, digits, '_', '.' or '-'"))
         if self.select is not None and self.select not in self.splits:
             problems.append(("select", f"no split named {self.select!r} (splits: {', '.join(self.splits)})"))
-        if self.metric is not None and self.metric not in TASK_METRICS[self.task]:
-            problems.append(("metric", f"{self.task} reports {', '.join(TASK_METRICS[self.task])}, not {self.metric}"))
+        task = self.task_of(self.selected) if self.select is None or self.select in self.splits else self.task
+        if self.metric is not None and self.metric not in TASK_METRICS[task]:
+            where = f"the selected split {self.selected!r} is {task}, which" if task != self.task else task
+            problems.append(("metric", f"{where} reports {', '.join(TASK_METRICS[task])}, not {self.metric}"))
         if problems:
             raise FieldProblems(problems)
         return self
@@ -256,7 +260,11 @@ class Evaluation(_Frozen):
 
     @property
     def deciding_metric(self) -> str:
-        return self.metric or DEFAULT_METRIC[self.task]
+        return self.metric or DEFAULT_METRIC[self.task_of(self.selected)]
+
+    def task_of(self, split: str) -> Task:
+        """The task a split is scored as: its own, else the evaluation's."""
+        return self.splits[split].task or self.task
 
 
 class Gate(_Frozen):

@@ -156,15 +156,16 @@ def _text_needs_tokenizer(spec: SoupSpec) -> Problems:
     evaluation, arch = spec.evaluation, spec.architecture
     if evaluation is None:
         return []
-    if evaluation.task == "multiple-choice":
-        tensors = [n for n, split in evaluation.splits.items() if split.path is not None and not split.path.endswith(".jsonl")]
-        if tensors:
-            return [(f"evaluation.splits.{tensors[0]}.path", "multiple-choice reads .jsonl rows of prompt, choices, answer")]
+    choices = [n for n in evaluation.splits if evaluation.task_of(n) == "multiple-choice"]
+    tensors = [n for n in choices if (path := evaluation.splits[n].path) is not None and not path.endswith(".jsonl")]
+    if tensors:
+        return [(f"evaluation.splits.{tensors[0]}.path", "multiple-choice reads .jsonl rows of prompt, choices, answer")]
     if arch is not None and arch.huggingface is not None and arch.task == "causal-lm":
         return []
     why = "needs a causal LM's tokenizer (architecture: huggingface, task causal-lm)"
-    if evaluation.task == "multiple-choice":
-        return [("evaluation.task", f"multiple-choice {why}")]
+    if choices:
+        field = "evaluation.task" if evaluation.task == "multiple-choice" else f"evaluation.splits.{choices[0]}.task"
+        return [(field, f"multiple-choice {why}")]
     texts = [n for n, split in evaluation.splits.items() if split.path is not None and split.path.endswith(".jsonl")]
     return [(f"evaluation.splits.{name}.path", f"a .jsonl split is text, which {why}") for name in texts]
 
