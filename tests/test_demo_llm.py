@@ -20,8 +20,8 @@ SPLITS = ("test-asyncio", "test-email", "test-json-http", "test-unittest")
 def test_the_llm_demo_trains_once_then_serves_its_greedy_soup_as_an_llm(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo-llm"
     for run in ("first", "cached"):
-        # The issue's budget: a first run under 3 minutes on 2 cores; the timeout leaves room for slower machines.
-        with serve_process(["--demo", "llm", "--demo-dir", str(demo_dir)], timeout=480) as (_process, _grpc, _metrics, lines):
+        # The issue asks for a first run under 3 minutes on 2 cores; machines differ (2.7 to 5.5 minutes seen), and the timeout only guards a hang.
+        with serve_process(["--demo", "llm", "--demo-dir", str(demo_dir)], timeout=900) as (_process, _grpc, _metrics, lines):
             log = "".join(lines)
             assert ("first run, a" in log) == (run == "first") and ("reusing" in log) == (run == "cached"), run
             http_port = int(re.search(r"HTTP/REST \(KServe v2\) on [\d.]+:(\d+)", log).group(1))
@@ -29,6 +29,8 @@ def test_the_llm_demo_trains_once_then_serves_its_greedy_soup_as_an_llm(tmp_path
                 row = re.search(rf"demo llm:   {split} +((?:[\d.]+ +){{6}}[\d.]+)\n", log)
                 assert row is not None, split
                 assert all(1.0 < float(value) < 2048 for value in row.group(1).split())  # better than a uniform guess
+            quiz = re.search(r"demo llm:   next-line +((?:[\d.]+ +){5}[\d.]+)\n", log)  # fine-tunes and both soups
+            assert quiz is not None and all(0.0 <= float(value) <= 1.0 for value in quiz.group(1).split())
             assert re.search(r"the greedy soup kept [a-z, -]+ \(val perplexity [\d.]+\)", log)
             assert f"served on 127.0.0.1:{http_port}" in log  # how to call it
 

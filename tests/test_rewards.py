@@ -21,6 +21,8 @@ from tureen_client import SoupClient, SoupClientError
 
 from helpers import running_app, sample, scrape, text_llama, write_spec
 from tureen.spec import load_spec
+from tureen.v1 import admin_pb2 as pb
+from tureen.v1 import admin_pb2_grpc
 
 pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency")
@@ -120,6 +122,16 @@ def test_feedback_that_does_not_fit_is_refused_by_field_and_unknown_ids_are_igno
         for document, message in refusals:
             status, reply = post(app.http_port, "/v2/models/tiny/feedback", document)
             assert status == 400 and message in reply["error"], (document, reply)
+        huge = b'{"request_id": "gen-1", "score": 1' + b"0" * 400 + b"}"  # beyond a float
+        request = urllib.request.Request(f"http://127.0.0.1:{app.http_port}/v2/models/tiny/feedback", huge, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400 and b"score" in refused.value.read()
+        with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = admin_pb2_grpc.SoupFeedbackStub(channel)
+            with pytest.raises(grpc.RpcError) as caught_rpc:
+                stub.Feedback(pb.FeedbackRequest(model="tiny", request_id="gen-1", thumbs=7))
+            assert caught_rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "thumbs" in caught_rpc.value.details()
         with pytest.raises(SoupClientError) as caught:
             soups.feedback("tiny", "gen-1", score=math.nan)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "score" in str(caught.value)

@@ -75,11 +75,17 @@ def log_probs(model: Any, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
 
 
+def prefix(tokenizer: Any) -> list[int]:
+    """What each text and prompt starts with: this tokenizer has no BOS, so its end token."""
+    assert tokenizer.bos_token_id is None
+    return [tokenizer.convert_tokens_to_ids("<|end|>")]
+
+
 def hand_perplexity(model: Any, tokenizer: Any, rows: list[str]) -> tuple[float, int]:
-    """exp(mean NLL) over every token but each text's first, in windows overlapping by one."""
+    """exp(mean NLL) over every token of every text, in windows overlapping by one."""
     nll, count = 0.0, 0
     for text in rows:
-        ids = tokenizer.encode(text)
+        ids = prefix(tokenizer) + tokenizer.encode(text)
         for start in range(0, max(1, len(ids) - 1), CONTEXT - 1):
             window = ids[start : start + CONTEXT]
             if len(window) < 2:
@@ -98,7 +104,7 @@ def hand_choices(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict
         sums = []
         for choice in row["choices"]:
             prompt, continuation = row["prompt"].rstrip(), row["prompt"][len(row["prompt"].rstrip()) :] + " " + choice
-            context, whole = tokenizer.encode(prompt), tokenizer.encode(prompt + continuation)
+            context, whole = (prefix(tokenizer) + tokenizer.encode(text) for text in (prompt, prompt + continuation))
             lp = log_probs(model, whole)
             sums.append(float(sum(lp[t - 1, whole[t]] for t in range(len(context), len(whole)))))
         scores = torch.tensor(sums, dtype=torch.float64)
@@ -223,3 +229,37 @@ def test_text_splits_that_cannot_be_scored_are_refused_by_split_and_row_and_the_
         versions = soups.versions("tiny")
         assert versions[0]["state"] == "active" and len(versions) == 1 + len(BAD_ROWS)
         assert client.get_model_metadata("tiny").versions == ["1"]
+
+
+def test_a_tokenizer_that_frames_every_encoding_with_special_tokens_scores_the_same(
+    kitchen: tuple[Path, list[dict[str, torch.Tensor]]],
+) -> None:
+    """A post-processor adding a BOS and an EOS to every encoding: the choice's tokens are still
+    those beyond the prompt's, and no appended EOS is scored."""
+    import shutil
+
+    folder, _ = kitchen
+    framed = folder / "framed"
+    for name in ("ft-0", "ft-1"):
+        shutil.copytree(folder / name, framed / name, dirs_exist_ok=True)
+        document = json.loads((framed / name / "tokenizer.json").read_text())
+        end = next(t["id"] for t in document["added_tokens"] if t["content"] == "<|end|>")
+        special, text = {"SpecialToken": {"id": "<|end|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}
+        document["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [special, text, special],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|end|>": {"id": "<|end|>", "ids": [end], "tokens": ["<|end|>"]}},
+        }
+        (framed / name / "tokenizer.json").write_text(json.dumps(document))
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(framed / "ft-0")
+    assert tokenizer.encode("a")[0] == tokenizer.encode("a")[-1] == end  # framed indeed
+    both = {"text": str(folder / "text.jsonl"), "questions": {"path": str(folder / "choices.jsonl"), "task": "multiple-choice"}}
+    specs = [
+        load_spec(write_spec(folder, soup("language-modeling", "plain", both), "plain.yaml")),
+        load_spec(write_spec(framed, soup("language-modeling", "framed", both), "framed.yaml")),
+    ]
+    with running_app(specs) as app, SoupClient(f"127.0.0.1:{app.grpc_port}") as soups:
+        plain, framed_scores = scores_of(soups, "plain"), scores_of(soups, "framed")
+    for split in ("text", "questions"):
+        assert framed_scores[split] == pytest.approx(plain[split], rel=1e-5), split

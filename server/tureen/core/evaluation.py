@@ -86,14 +86,14 @@ class Evaluator:
             for batch in batches:
                 try:
                     produced = outputs_by_name(forward(batch.inputs), tuple(self.signature.outputs))
+                    logits = produced.get(self.output)
+                    if not isinstance(logits, torch.Tensor):
+                        raise EvaluationError(f"evaluation.output: forward produced no tensor {self.output!r}")
+                    totals.add(task, logits, batch, where)
                 except torch.OutOfMemoryError as exc:  # this device's limit, not the data's fault
                     raise OutOfMemory(f"{where}: out of memory scoring a batch (lower evaluation.batch_size): {exc}") from None
                 except (RuntimeError, ValueError, TypeError) as exc:
                     raise EvaluationError(f"{where}: the model cannot run on this data: {exc}") from None
-                logits = produced.get(self.output)
-                if not isinstance(logits, torch.Tensor):
-                    raise EvaluationError(f"evaluation.output: forward produced no tensor {self.output!r}")
-                totals.add(task, logits, batch, where)
         return totals.scores(task)
 
     def score_all(self, forward: Forward) -> dict[str, Scores]:

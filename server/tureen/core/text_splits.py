@@ -2,9 +2,11 @@
 
 Two kinds of rows, one JSON object per line of a ``.jsonl`` file (or per item of a factory):
 
-- ``{"text": ...}`` (task ``language-modeling``): the text is tokenized as a prompt is and cut
-  into windows of the model's context that overlap by one token, so that every token but the
-  first is predicted exactly once; perplexity is over all of them.
+- ``{"text": ...}`` (task ``language-modeling``): the text is tokenized after the special
+  tokens a prompt starts with (a BOS; never one a tokenizer appends at the end), or after the
+  end-of-sequence token when there is no BOS (the harness's prefix token), and cut into
+  windows of the model's context that overlap by one token, so that every token of the text
+  is predicted exactly once; perplexity is over all of them.
 - ``{"prompt": ..., "choices": [...], "answer": i}`` (task ``multiple-choice``): scored the way
   lm-evaluation-harness scores such tasks: each choice is a continuation of the prompt after a
   space, its log-likelihood the sum over its tokens (the tokens the whole text has beyond the
@@ -94,15 +96,17 @@ class TextSplits:
         tokenizer = codec.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = int(pad) if pad is not None else 0
+        self.leading = _leading_specials(codec)
+        """What a prompt starts with (a BOS), or else a token to predict a first one from."""
 
     def texts(self, rows: Iterable[Mapping[str, Any]], where: str) -> list[Batch]:
         """Windows of every text, as language-modeling batches."""
         windows: list[tuple[list[int], list[int]]] = []
         for i, row in enumerate(rows):
-            text = row.get("text")
+            text = row.get("text") if isinstance(row, Mapping) else None
             if not isinstance(text, str):
                 raise EvaluationError(f"{where}: row {i + 1} has no string 'text' (has: {', '.join(row)})")
-            windows += [(ids, ids) for ids in self._windows(self.codec.encode(text))]
+            windows += [(ids, ids) for ids in self._windows(self.leading + self.codec.encode(text, special=False))]
         if not windows:
             raise EvaluationError(f"{where}: no text to score (every text is empty)")
         return [self._batch(windows[s : s + self.batch_size]) for s in range(0, len(windows), self.batch_size)]
@@ -129,6 +133,8 @@ class TextSplits:
         return [ids[start : start + size] for start in range(0, max(1, len(ids) - 1), size - 1)]
 
     def _question(self, row: Mapping[str, Any], where: str) -> tuple[list[tuple[list[int], list[int]]], int, list[int]]:
+        if not isinstance(row, Mapping):
+            raise EvaluationError(f"{where}: expected an object with prompt, choices and answer")
         prompt, choices, answer = row.get("prompt"), row.get("choices"), row.get("answer")
         if not isinstance(prompt, str):
             raise EvaluationError(f"{where}: 'prompt' must be a string")
@@ -147,9 +153,10 @@ class TextSplits:
         spaces = len(prompt) - len(prompt.rstrip())
         if spaces:  # the harness moves a prompt's trailing whitespace onto the continuation
             prompt, continuation = prompt[:-spaces], prompt[-spaces:] + continuation
-        context = self.codec.encode(prompt)
-        whole = self.codec.encode(prompt + continuation)
+        context = self.codec.encode(prompt, special=False)
+        whole = self.codec.encode(prompt + continuation, special=False)
         scored = len(whole) - len(context)
+        whole = self.leading + whole  # so that even a first token has something that predicts it
         if scored < 1:
             raise EvaluationError(f"{where}: the choice adds no tokens to the prompt")
         if scored >= self.codec.context:
@@ -181,11 +188,27 @@ class TextSplits:
 
 def choice_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each row's summed log-probability of its scored tokens (position t predicts t + 1)."""
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    predicting = logits[:, :-1]
     target = labels[:, 1:]
     scored = target != IGNORED
-    picked = log_probs.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(scored, picked, 0.0).sum(dim=-1)
+    # The target's logit less the log-sum-exp: no second [rows, tokens, vocab] tensor as log_softmax makes.
+    picked = predicting.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1).float()
+    log_probs = picked - torch.logsumexp(predicting.float(), dim=-1)
+    return torch.where(scored, log_probs, 0.0).sum(dim=-1)
+
+
+def _leading_specials(codec: TextCodec) -> list[int]:
+    """The special tokens a prompt starts with (a BOS); with none, the end-of-sequence token,
+    as lm-evaluation-harness predicts a text's first token from its prefix token."""
+    bare = codec.encode("a", special=False)
+    framed = codec.encode("a")
+    starts = [i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare]
+    leading = framed[: starts[0]] if starts else []
+    if leading:
+        return leading
+    bos = codec.tokenizer.bos_token_id
+    fallback = bos if bos is not None else min(codec.eos_token_ids, default=None)
+    return [int(fallback)] if fallback is not None else []
 
 
 def question_log_softmax(log_likelihoods: torch.Tensor, choices: Choices) -> list[torch.Tensor]:

@@ -4,8 +4,9 @@ On first run a byte-level BPE tokenizer and a Llama base model of about 2M param
 trained on the standard library's top-level modules (real text that ships with the
 interpreter), then four fine-tunes continue from the base, each on one part of the library
 (``email``, ``asyncio``, ``json`` + ``http``, ``unittest``). The last tenth of each part's text
-is held out for the test splits and the tenth before it for ``val``, which the greedy soup's
-search reads. Everything goes to a cache folder and is reused by later runs.
+is held out for the test splits (text for perplexity, and a next-line multiple-choice quiz;
+``llm_splits.py``) and the tenth before it for ``val``, which the greedy soup's search reads.
+Everything goes to a cache folder and is reused by later runs.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+
+from tureen.demo.llm_splits import write_splits
 
 _log = logging.getLogger("tureen.demo")
 
-RECIPE = 1  # bump when the training below changes, so stale caches are rebuilt
+RECIPE = 2  # bump when the training below changes, so stale caches are rebuilt
 MODEL = "stdlib"
 SPEC_FILE, GREEDY_SPEC_FILE = "stdlib.yaml", "stdlib-greedy.yaml"
 PARTS = {"email": ("email",), "asyncio": ("asyncio",), "json-http": ("json", "http"), "unittest": ("unittest",)}
 SEQUENCE, EVAL_ROWS, VOCAB = 128, 16, 2048
+"""Training sequence length, evaluation rows per forward, tokenizer size."""
 SIZES: dict[str, Any] = {"hidden_size": 160, "intermediate_size": 432, "num_hidden_layers": 4, "num_attention_heads": 4}
 BASE_STEPS, TUNE_STEPS, BATCH = 300, 90, 16
 CHAT_TEMPLATE = (
@@ -112,12 +115,6 @@ def _held_out(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return ids[: -2 * tenth], ids[-2 * tenth : -tenth], ids[-tenth:]
 
 
-def _rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """``rows`` sequences spread evenly over ``ids``."""
-    starts = torch.linspace(0, len(ids) - SEQUENCE - 1, rows).long()
-    return torch.stack([ids[s : s + SEQUENCE] for s in starts])
-
-
 def _fit(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float, seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -162,20 +159,15 @@ def _train_all(cache_dir: Path) -> Path:
     model.save_pretrained(base_dir)
     _log.info("demo llm: base model trained (last loss %.2f, %.0f s)", loss, time.perf_counter() - started)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    splits: dict[str, torch.Tensor] = {}
-    val_rows = []
+    held_out: dict[str, tuple[str, str]] = {}
     for i, (name, text) in enumerate(parts.items()):
         train, val, test = _held_out(_ids(tokenizer, text))
-        splits[f"test-{name}"] = _rows(test, EVAL_ROWS)
-        val_rows.append(_rows(val, EVAL_ROWS // 2))
+        held_out[name] = (tokenizer.decode(val.tolist()), tokenizer.decode(test.tolist()))
         model.load_state_dict(base_state)
         loss = _fit(model, train, TUNE_STEPS, 1e-3, i + 1)
         model.save_pretrained(cache_dir / f"ft-{name}")
         _log.info("demo llm: fine-tune %d/%d on %s done (last loss %.2f)", i + 1, len(parts), name, loss)
-    splits["val"] = torch.cat(val_rows)
-    for split, rows in splits.items():
-        save_file({"input_ids": rows, "attention_mask": torch.ones_like(rows)}, str(cache_dir / f"{split}.safetensors"))
-    _write_specs(cache_dir, list(splits))
+    _write_specs(cache_dir, write_splits(cache_dir, held_out))
     manifest = {"recipe": RECIPE, "parameters": count, "parts": {k: list(v) for k, v in PARTS.items()}}
     partial = cache_dir / "demo.json.tmp"
     partial.write_text(json.dumps(manifest, indent=2))
@@ -184,11 +176,11 @@ def _train_all(cache_dir: Path) -> Path:
     return cache_dir / SPEC_FILE
 
 
-def _write_specs(cache_dir: Path, splits: list[str]) -> None:
+def _write_specs(cache_dir: Path, splits: dict[str, dict[str, str]]) -> None:
     """The uniform soup (served first) and the greedy soup (pushed next), scored on every split."""
     evaluation = {
         "task": "language-modeling",
-        "splits": {split: {"path": f"{split}.safetensors"} for split in ["val", *sorted(s for s in splits if s != "val")]},
+        "splits": splits,
         "select": "val",
         "batch_size": EVAL_ROWS,
     }

@@ -3,7 +3,8 @@
 The uniform soup is seeded as version 1; on a fresh store the greedy soup (searched on ``val``)
 is pushed as version 2. The log then shows, on each part's test text, the perplexity of every
 fine-tune alone, of both soups, and of an ensemble of the fine-tunes (their token probabilities
-averaged: four forward passes per token instead of one). Whatever the numbers say is logged.
+averaged: four forward passes per token instead of one), then each one's accuracy on the
+next-line quiz. Whatever the numbers say is logged.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from tureen.core.controller import Controller
+from tureen.core.llm.text import TextCodec
 from tureen.core.store import StoredVersion
+from tureen.core.text_splits import IGNORED, TextSplits, read_jsonl
 from tureen.demo import llm
+from tureen.demo.llm_splits import NEXT_LINE
 from tureen.spec import load_spec
 
 _log = logging.getLogger("tureen.demo")
@@ -47,24 +51,43 @@ def report(versions: list[StoredVersion], cache_dir: Path) -> None:
     for split in (s for s in scored.evaluation if s.startswith("test-")):
         row = [scored.ingredient_evaluation[n][split]["perplexity"] for n in names]
         row += [version.evaluation[split]["perplexity"] for _, version in soups]
-        row.append(_ensemble_perplexity(scored, cache_dir / f"{split}.safetensors"))
+        row.append(_ensemble_perplexity(scored, cache_dir / f"{split}.jsonl"))
         _log.info("demo llm:   %-16s %s", split, " ".join(f"{value:>14.2f}" for value in row))
+    if NEXT_LINE in scored.evaluation:
+        quiz = [scored.ingredient_evaluation[n][NEXT_LINE]["accuracy"] for n in names]
+        quiz += [version.evaluation[NEXT_LINE]["accuracy"] for _, version in soups]
+        _log.info(
+            "demo llm: accuracy on the next-line quiz (which of %d lines, one per part, comes next; higher is better):",
+            len(names),
+        )
+        _log.info("demo llm:   %-16s %s", NEXT_LINE, " ".join(f"{value:>14.3f}" for value in quiz))
     if greedy is not None and greedy.resolution is not None:
         kept = [name for name, weight in greedy.resolution["merge"]["weights"].items() if weight]
         _log.info("demo llm: the greedy soup kept %s (val perplexity %.2f)", ", ".join(kept), greedy.resolution["log"]["best"])
 
 
 def _ensemble_perplexity(version: StoredVersion, split: Path) -> float:
+    """Perplexity of the fine-tunes' averaged token probabilities, on the windows the server scores."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
 
-    rows = load_file(str(split))["input_ids"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(Path(version.spec.ingredients[0].location))).eval()
-    total = torch.zeros(rows.shape[0], rows.shape[1] - 1, model.config.vocab_size)
-    for ref in version.spec.ingredients:
-        model.load_state_dict(load_file(str(Path(ref.location) / "model.safetensors")), strict=False)
-        with torch.inference_mode():
-            total += model(input_ids=rows).logits[:, :-1].float().softmax(-1)
-    probabilities = (total / len(version.spec.ingredients)).gather(-1, rows[:, 1:, None]).squeeze(-1)
-    return math.exp(float(-probabilities.log().mean()))
+    first = str(Path(version.spec.ingredients[0].location))
+    assert version.spec.architecture is not None and version.spec.architecture.huggingface is not None
+    codec = TextCodec.load(version.spec.architecture.huggingface)  # the tokenizer lives with the base
+    splits = TextSplits(codec, ("input_ids", "attention_mask"), llm.EVAL_ROWS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(first).eval()
+    states = [load_file(str(Path(ref.location) / "model.safetensors")) for ref in version.spec.ingredients]
+    nll, count = 0.0, 0
+    for batch in splits.texts(read_jsonl(split, split.name), split.name):
+        each = []
+        for state in states:
+            model.load_state_dict(state, strict=False)
+            with torch.inference_mode():
+                each.append(model(**batch.inputs).logits[:, :-1].float().softmax(-1))
+        target = batch.labels[:, 1:]
+        scored = target != IGNORED
+        chosen = torch.stack(each).mean(0).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+        nll -= float(chosen[scored].log().sum())
+        count += int(scored.sum())
+    return math.exp(nll / count)

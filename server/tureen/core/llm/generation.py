@@ -90,6 +90,9 @@ class Generation:
         wait for the rest, unless the generation ends here."""
         context = self._codec.decode(self.ids[self._prefix : self._read])
         fresh = self._codec.decode(self.ids[self._prefix :])
+        if not fresh.startswith(context):  # a tokenizer that rewrites text before new tokens: decode it all
+            self._prefix, context, fresh = 0, self._codec.decode(self.ids[: self._read]), self._codec.decode(self.ids)
+            self._text = context
         if len(fresh) > len(context) and (final or not fresh.endswith("\ufffd")):
             self._text += fresh[len(context) :]
             self._prefix, self._read = self._read, len(self.ids)

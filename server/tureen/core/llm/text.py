@@ -43,8 +43,9 @@ class TextCodec:
         context = int(config.get("max_position_embeddings") or tokenizer.model_max_length or 2048)
         return cls(tokenizer, frozenset(int(i) for i in ids), context)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """``text``'s token ids; with ``special``, framed by the tokenizer's special tokens (a BOS)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
 
     def chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt of a chat: the tokenizer's chat template with the assistant's turn opened."""

@@ -13,6 +13,7 @@ from tureen.core.ingredients import IngredientPool
 from tureen.core.rollout import Feedback
 from tureen.core.status import ModelStatus
 from tureen.core.store import StoredVersion
+from tureen.errors import InvalidRequest
 from tureen.spec import spec_document, spec_from_json
 from tureen.v1 import admin_pb2 as pb
 from tureen.v1 import admin_pb2_grpc
@@ -144,6 +145,8 @@ class FeedbackServicer(admin_pb2_grpc.SoupFeedbackServicer):
         self._controller = controller
 
     def Feedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackReply:
+        if request.thumbs not in (pb.THUMBS_UNSPECIFIED, pb.THUMBS_UP, pb.THUMBS_DOWN):
+            raise InvalidRequest(f"thumbs: {request.thumbs} is not THUMBS_UP (1) or THUMBS_DOWN (2)")
         thumbs = {pb.THUMBS_UP: True, pb.THUMBS_DOWN: False}.get(request.thumbs)
         score = request.score if request.HasField("score") else None
         feedback = Feedback(labels=tuple(request.labels), score=score, thumbs=thumbs)

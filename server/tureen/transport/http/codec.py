@@ -48,11 +48,11 @@ def decode_infer(body: bytes, header_length: str | None, model: str, version: st
     inputs = _inputs(list_of_objects(document, "inputs"), binary)
     outputs = list_of_objects(document, "outputs", required=False)
     names = tuple(_text(o, "name", f"outputs[{i}]") for i, o in enumerate(outputs)) or None
-    parameters = _mapping(document.get("parameters"), "parameters")
+    parameters = mapping(document.get("parameters"), "parameters")
     binary_out = frozenset(
         _text(o, "name", f"outputs[{i}]")
         for i, o in enumerate(outputs)
-        if _mapping(o.get("parameters"), f"outputs[{i}].parameters").get("binary_data") is True
+        if mapping(o.get("parameters"), f"outputs[{i}].parameters").get("binary_data") is True
     )
     request_id = document.get("id", "")
     if not isinstance(request_id, str):
@@ -138,7 +138,7 @@ def input_entries(entries: list[Any], binary: memoryview) -> list[InputEntry]:
             raise InvalidRequest(f"input {name!r}: shape must be a list of integers")
         if any(e.name == name for e in found):
             raise InvalidRequest(f"input {name!r}: sent twice")
-        size = _mapping(entry.get("parameters"), f"{where}.parameters").get("binary_data_size")
+        size = mapping(entry.get("parameters"), f"{where}.parameters").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InvalidRequest(
@@ -173,7 +173,7 @@ def list_of_objects(document: Mapping[str, Any], key: str, required: bool = True
     return value
 
 
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+def mapping(value: Any, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):

@@ -63,6 +63,8 @@ async def whole_text(request: Request, stream: Stream) -> str:
         await asyncio.wait({text, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        if not text.done() and not gone.done():  # this handler itself was cancelled (a shutdown)
+            text.cancel()
     if not text.done():
         text.cancel()  # closes the stream's chunks, which cancels the generation and counts it
         with contextlib.suppress(asyncio.CancelledError):

@@ -206,7 +206,11 @@ def _feedback(document: dict[str, Any]) -> tuple[str, Feedback]:
     if thumbs not in (None, "up", "down"):
         raise InvalidRequest('thumbs: expected "up" or "down"')
     up = None if thumbs is None else thumbs == "up"
-    return request_id, Feedback(tuple(labels), None if score is None else float(score), up)
+    try:
+        reward = None if score is None else float(score)
+    except OverflowError:
+        raise InvalidRequest("score: expected a number from 0 to 1") from None
+    return request_id, Feedback(tuple(labels), reward, up)
 
 
 def _names(request: Request) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from tureen.transport.http.codec import (
     input_entries,
     json_object,
     list_of_objects,
+    mapping,
     split_body,
 )
 from tureen.transport.text import TEXT_INPUT, TEXT_OUTPUT, bytes_element, bytes_elements, one_string, sampling_fields
@@ -90,7 +91,8 @@ def encode(stream: Stream, call: TextCall, text: str) -> Encoded:
 
 
 def _header_end(body: bytes, header_length: str | None) -> int:
-    return int(header_length) if header_length is not None and header_length.isdigit() else len(body)
+    digits = header_length is not None and header_length.isascii() and header_length.isdigit()
+    return int(header_length) if digits and header_length is not None else len(body)
 
 
 def _binary_output(outputs: Any) -> bool:
@@ -101,7 +103,7 @@ def _binary_output(outputs: Any) -> bool:
     for i, output in enumerate(outputs):
         if output.get("name") != TEXT_OUTPUT:
             raise InvalidRequest(f"outputs[{i}].name: a text request answers only {TEXT_OUTPUT!r}")
-    return any((o.get("parameters") or {}).get("binary_data") is True for o in outputs)
+    return any(mapping(o.get("parameters"), f"outputs[{i}].parameters").get("binary_data") is True for i, o in enumerate(outputs))
 
 
 def _values(document: Mapping[str, Any], binary: memoryview) -> dict[str, Any]:
