@@ -47,6 +47,7 @@ class Evaluator:
         """``tokenizer``: the Hugging Face directory whose tokenizer reads text splits."""
         self.evaluation = evaluation
         self.tokenizer = tokenizer
+        self._codec: TextCodec | None = None
         self.signature = signature
         self.device = device
         self.dtype = dtype
@@ -69,9 +70,8 @@ class Evaluator:
             where = f"evaluation.splits.{split}"
             source = self.evaluation.splits[split]
             rows = _read(source, where)
-            jsonl = source.path is not None and source.path.endswith(".jsonl")
             task = self.evaluation.task_of(split)
-            text = jsonl or is_text(rows) or task == "multiple-choice"
+            text = source.jsonl or is_text(rows) or task == "multiple-choice"
             batches = self._text_batches(rows, where, task) if text else self._rebatch(rows, where, task)
             self._splits[split] = [self._to_device(b) for b in batches]
         return self._splits[split]
@@ -141,11 +141,12 @@ class Evaluator:
             raise EvaluationError(f"{where}: text needs a tokenizer: the architecture must be huggingface, task causal-lm")
         if not rows:
             raise EvaluationError(f"{where}: the evaluation set is empty")
-        try:
-            codec = TextCodec.load(self.tokenizer)
-        except SoupError as exc:
-            raise EvaluationError(f"{where}: {exc}") from None
-        splits = TextSplits(codec, tuple(self.signature.inputs), self.evaluation.batch_size)
+        if self._codec is None:  # read once, for every text split
+            try:
+                self._codec = TextCodec.load(self.tokenizer)
+            except SoupError as exc:
+                raise EvaluationError(f"{where}: {exc}") from None
+        splits = TextSplits(self._codec, tuple(self.signature.inputs), self.evaluation.batch_size)
         if task == "multiple-choice":
             return splits.questions(rows, where)
         return splits.texts(rows, where)
@@ -267,7 +268,7 @@ class _Totals:
 def _read(source: EvalSet, where: str) -> list[Any]:
     if source.path is not None:
         path = Path(source.path)
-        if source.path.endswith(".jsonl"):
+        if source.jsonl:
             return read_jsonl(path, f"{where}.path")
         if not path.is_file():
             raise EvaluationMissing(f"{where}.path: no such file: {path}")

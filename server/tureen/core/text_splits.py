@@ -48,6 +48,19 @@ class Choices:
     """Each row's choice length in characters."""
 
 
+Row = tuple[list[int], list[int]]
+"""A row's token ids and its labels (the ids, or -100 where a token is not scored)."""
+
+
+@dataclass(frozen=True)
+class _Question:
+    rows: list[Row]
+    """One per choice."""
+    answer: int
+    lengths: list[int]
+    """Each choice's length in characters."""
+
+
 @dataclass(frozen=True)
 class Batch:
     inputs: dict[str, torch.Tensor]
@@ -101,11 +114,12 @@ class TextSplits:
 
     def texts(self, rows: Iterable[Mapping[str, Any]], where: str) -> list[Batch]:
         """Windows of every text, as language-modeling batches."""
-        windows: list[tuple[list[int], list[int]]] = []
+        windows: list[Row] = []
         for i, row in enumerate(rows):
             text = row.get("text") if isinstance(row, Mapping) else None
             if not isinstance(text, str):
-                raise EvaluationError(f"{where}: row {i + 1} has no string 'text' (has: {', '.join(row)})")
+                has = ", ".join(row) if isinstance(row, Mapping) else f"a {type(row).__name__}"
+                raise EvaluationError(f"{where}: row {i + 1} has no string 'text' (has: {has})")
             windows += [(ids, ids) for ids in self._windows(self.leading + self.codec.encode(text, special=False))]
         if not windows:
             raise EvaluationError(f"{where}: no text to score (every text is empty)")
@@ -114,10 +128,10 @@ class TextSplits:
     def questions(self, rows: Iterable[Mapping[str, Any]], where: str) -> list[Batch]:
         """Every choice of every question as a row, questions kept whole within a batch."""
         batches: list[Batch] = []
-        pending: list[tuple[list[tuple[list[int], list[int]]], int, list[int]]] = []
+        pending: list[_Question] = []
         for i, row in enumerate(rows):
             question = self._question(row, f"{where}: row {i + 1}")
-            if pending and sum(len(q[0]) for q in pending) + len(question[0]) > self.batch_size:
+            if pending and sum(len(q.rows) for q in pending) + len(question.rows) > self.batch_size:
                 batches.append(self._choice_batch(pending))
                 pending = []
             pending.append(question)
@@ -132,7 +146,7 @@ class TextSplits:
             return []
         return [ids[start : start + size] for start in range(0, max(1, len(ids) - 1), size - 1)]
 
-    def _question(self, row: Mapping[str, Any], where: str) -> tuple[list[tuple[list[int], list[int]]], int, list[int]]:
+    def _question(self, row: Mapping[str, Any], where: str) -> _Question:
         if not isinstance(row, Mapping):
             raise EvaluationError(f"{where}: expected an object with prompt, choices and answer")
         prompt, choices, answer = row.get("prompt"), row.get("choices"), row.get("answer")
@@ -145,9 +159,9 @@ class TextSplits:
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise EvaluationError(f"{where}: 'answer' must be the index of a choice (0 to {len(choices) - 1}) or one of them")
         rows = [self._continuation(prompt, choice, f"{where}: choice {j}") for j, choice in enumerate(choices)]
-        return rows, answer, [len(choice) for choice in choices]
+        return _Question(rows, answer, [len(choice) for choice in choices])
 
-    def _continuation(self, prompt: str, choice: str, where: str) -> tuple[list[int], list[int]]:
+    def _continuation(self, prompt: str, choice: str, where: str) -> Row:
         """(ids, labels) of prompt and choice: only the choice's tokens are scored."""
         continuation = DELIMITER + choice
         spaces = len(prompt) - len(prompt.rstrip())
@@ -165,15 +179,16 @@ class TextSplits:
         labels = [IGNORED] * (len(whole) - scored) + whole[len(whole) - scored :]
         return whole, labels
 
-    def _choice_batch(self, questions: list[tuple[list[tuple[list[int], list[int]]], int, list[int]]]) -> Batch:
-        rows = [row for question in questions for row in question[0]]
+    def _choice_batch(self, questions: list[_Question]) -> Batch:
         choices = Choices(
-            tuple(len(q[0]) for q in questions), tuple(q[1] for q in questions), tuple(n for q in questions for n in q[2])
+            tuple(len(q.rows) for q in questions),
+            tuple(q.answer for q in questions),
+            tuple(n for q in questions for n in q.lengths),
         )
-        batch = self._batch(rows)
+        batch = self._batch([row for q in questions for row in q.rows])
         return Batch(batch.inputs, batch.labels, choices)
 
-    def _batch(self, rows: list[tuple[list[int], list[int]]]) -> Batch:
+    def _batch(self, rows: list[Row]) -> Batch:
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.int64)
         labels = torch.full((len(rows), width), IGNORED, dtype=torch.int64)

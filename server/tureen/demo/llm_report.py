@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 from tureen.core.controller import Controller
 from tureen.core.llm.text import TextCodec
 from tureen.core.store import StoredVersion
-from tureen.core.text_splits import IGNORED, TextSplits, read_jsonl
+from tureen.core.text_splits import IGNORED, Batch, TextSplits, read_jsonl
 from tureen.demo import llm
 from tureen.demo.llm_splits import NEXT_LINE
 from tureen.spec import load_spec
@@ -48,10 +50,11 @@ def report(versions: list[StoredVersion], cache_dir: Path) -> None:
     header = [*names, *(label for label, _ in soups), f"ensemble of {len(names)}"]
     _log.info("demo llm: perplexity on each part's held-out test text (lower is better; the ensemble: %d forwards):", len(names))
     _log.info("demo llm:   %-16s %s", "test split", " ".join(f"{h:>14}" for h in header))
+    ensemble_perplexity = _ensemble(scored)
     for split in (s for s in scored.evaluation if s.startswith("test-")):
         row = [scored.ingredient_evaluation[n][split]["perplexity"] for n in names]
         row += [version.evaluation[split]["perplexity"] for _, version in soups]
-        row.append(_ensemble_perplexity(scored, cache_dir / f"{split}.jsonl"))
+        row.append(ensemble_perplexity(cache_dir / f"{split}.jsonl"))
         _log.info("demo llm:   %-16s %s", split, " ".join(f"{value:>14.2f}" for value in row))
     if NEXT_LINE in scored.evaluation:
         quiz = [scored.ingredient_evaluation[n][NEXT_LINE]["accuracy"] for n in names]
@@ -66,8 +69,9 @@ def report(versions: list[StoredVersion], cache_dir: Path) -> None:
         _log.info("demo llm: the greedy soup kept %s (val perplexity %.2f)", ", ".join(kept), greedy.resolution["log"]["best"])
 
 
-def _ensemble_perplexity(version: StoredVersion, split: Path) -> float:
-    """Perplexity of the fine-tunes' averaged token probabilities, on the windows the server scores."""
+def _ensemble(version: StoredVersion) -> Callable[[Path], float]:
+    """The perplexity of the fine-tunes' averaged token probabilities on a split, on the windows
+    the server scores; the model, tokenizer and fine-tunes are read once for every split."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -78,8 +82,12 @@ def _ensemble_perplexity(version: StoredVersion, split: Path) -> float:
     splits = TextSplits(codec, ("input_ids", "attention_mask"), llm.EVAL_ROWS)
     model = transformers.AutoModelForCausalLM.from_pretrained(first).eval()
     states = [load_file(str(Path(ref.location) / "model.safetensors")) for ref in version.spec.ingredients]
+    return lambda split: _perplexity(model, states, splits.texts(read_jsonl(split, split.name), split.name))
+
+
+def _perplexity(model: Any, states: list[dict[str, torch.Tensor]], batches: list[Batch]) -> float:
     nll, count = 0.0, 0
-    for batch in splits.texts(read_jsonl(split, split.name), split.name):
+    for batch in batches:
         each = []
         for state in states:
             model.load_state_dict(state, strict=False)

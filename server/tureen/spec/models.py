@@ -220,6 +220,11 @@ class EvalSet(_FactoryOr):
     task: Task | None = None
     """This split's task when it is not the evaluation's (a multiple-choice split beside text)."""
 
+    @property
+    def jsonl(self) -> bool:
+        """Whether the split is a file of text rows (``.jsonl``), not of tensors."""
+        return self.path is not None and self.path.endswith(".jsonl")
+
 
 class Evaluation(_Frozen):
     """How blends and ingredients are scored: the task, the data splits, the metric that decides."""

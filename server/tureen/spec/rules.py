@@ -157,7 +157,7 @@ def _text_needs_tokenizer(spec: SoupSpec) -> Problems:
     if evaluation is None:
         return []
     choices = [n for n in evaluation.splits if evaluation.task_of(n) == "multiple-choice"]
-    tensors = [n for n in choices if (path := evaluation.splits[n].path) is not None and not path.endswith(".jsonl")]
+    tensors = [n for n in choices if evaluation.splits[n].path is not None and not evaluation.splits[n].jsonl]
     if tensors:
         return [(f"evaluation.splits.{tensors[0]}.path", "multiple-choice reads .jsonl rows of prompt, choices, answer")]
     if arch is not None and arch.huggingface is not None and arch.task == "causal-lm":
@@ -166,7 +166,7 @@ def _text_needs_tokenizer(spec: SoupSpec) -> Problems:
     if choices:
         field = "evaluation.task" if evaluation.task == "multiple-choice" else f"evaluation.splits.{choices[0]}.task"
         return [(field, f"multiple-choice {why}")]
-    texts = [n for n, split in evaluation.splits.items() if split.path is not None and split.path.endswith(".jsonl")]
+    texts = [n for n, split in evaluation.splits.items() if split.jsonl]
     return [(f"evaluation.splits.{name}.path", f"a .jsonl split is text, which {why}") for name in texts]
 
 
