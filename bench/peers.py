@@ -287,6 +287,7 @@ def main() -> int:
     parser.add_argument("--window-ms", type=int, default=2000)
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--only", nargs="*", help="servers to run (default: all found)")
+    parser.add_argument("--points", nargs="*", metavar="MODEL:C:PROTOCOL", help="points to run, e.g. big:16:grpc (default: all)")
     args = parser.parse_args()
     pa = os.environ.get("TUREEN_PERF_ANALYZER") or str(ROOT / ".perf_analyzer" / "perf_analyzer")
     if not Path(pa).exists():
@@ -296,6 +297,7 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.split()[-1]
+    points = [p for p in POINTS if not args.points or f"{p[0]}:{p[1]}:{p[2]}" in args.points]
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
@@ -310,7 +312,7 @@ def main() -> int:
         results: dict[tuple[str, int, str, str], list[tuple[float, float]]] = {}
         for rep in range(args.reps):
             order = ready[rep % len(ready) :] + ready[: rep % len(ready)]
-            for model, concurrency, protocol in POINTS:
+            for model, concurrency, protocol in points:
                 for name in order:
                     port = found[name][2] if protocol == "grpc" else found[name][3]
                     if port is None:

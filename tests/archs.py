@@ -105,16 +105,17 @@ def gated(hidden: int = 8) -> Gated:
 
 
 class Recorder(DigitsMLP):
-    """The demo MLP, noting the thread each forward runs on (and pausing when asked to be slow)."""
+    """The demo MLP, noting the thread each forward runs on and the threads torch gives its
+    operators there (and pausing when asked to be slow)."""
 
-    THREADS: list[str] = []
+    THREADS: list[tuple[str, int]] = []
 
     def __init__(self, hidden: int = 8, pause: float = 0.0) -> None:
         super().__init__(hidden=hidden)
         self.pause = pause
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        Recorder.THREADS.append(threading.current_thread().name)
+        Recorder.THREADS.append((threading.current_thread().name, torch.get_num_threads()))
         if self.pause:
             threading.Event().wait(self.pause)
         return super().forward(pixels)

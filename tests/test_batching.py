@@ -7,6 +7,7 @@ everything else goes through tritonclient against a server on free ports.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -292,7 +293,9 @@ GATHERING = {"batching": {"max_queue_delay_us": 100}}
 def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
     soup: tuple[Path, dict], pause: float, serving: dict | None, where: str
 ) -> None:
-    """A CPU blend that batches with a queue delay keeps forwards of up to 50 ms on the loop."""
+    """A CPU blend that batches with a queue delay keeps forwards of up to 50 ms on the loop. A
+    forward on the loop gets every core (the loop waits for it); one on a worker thread leaves a
+    core to the loop."""
     from archs import Recorder
 
     folder, _ = soup
@@ -305,5 +308,19 @@ def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
             for _ in range(4):
                 infer(client, np.ones((1, 64), dtype=np.float32))
     first, *later = Recorder.THREADS
-    assert first.startswith("tureen-forward")  # nothing measured yet: never risk blocking the loop
-    assert len(later) == 3 and all(name.startswith(where) for name in later)
+    assert first[0].startswith("tureen-forward")  # nothing measured yet: never risk blocking the loop
+    assert len(later) == 3 and all(name.startswith(where) for name, _ in later)
+    cores = len(os.sched_getaffinity(0))
+    for name, threads in Recorder.THREADS:
+        assert threads == (cores if name.startswith("tureen-serve") else max(1, cores - 1)), (name, threads)
+
+
+def test_cpu_threads_give_a_forward_on_the_loop_every_core_and_work_beside_it_one_less() -> None:
+    from tureen.core.devices import CpuThreads, cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cpu_threads(None, cpu, {}) == CpuThreads(cores, max(1, cores - 1))
+    assert cpu_threads(3, cpu, {}) == CpuThreads(3, 3)  # --cpu-threads holds everywhere
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4"}) == CpuThreads(None, None)
+    assert cpu_threads(None, cuda, {}) == CpuThreads(None, None)

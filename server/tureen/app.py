@@ -48,7 +48,8 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 8
     cpu_threads: int | None = None
-    """Threads of torch's CPU operators; None: the cores less one for the serving loop, on a CPU device."""
+    """Threads of torch's CPU operators; None, on a CPU device: every core for a forward on the serving
+    loop, the cores less one for work beside it."""
     merge_kernels: Kernels = "auto"
     ingredient_placement: Placement | Literal["auto"] = "auto"
     """Where ingredients of specs that name no placement live between merges."""
@@ -98,13 +99,18 @@ class App:
         self.access = _access(settings)
         self.policy = _policy(settings, self.specs, self.sources)
         self.device = resolve_device(settings.device)
-        _log.info("torch uses %d CPU thread(s)", limit_cpu_threads(settings.cpu_threads, self.device))
+        threads = limit_cpu_threads(settings.cpu_threads, self.device)
+        _log.info(
+            "torch CPU threads: %s for forwards on the serving loop, %s beside it",
+            threads.loop or "torch's default",
+            threads.beside or "torch's default",
+        )
         self.metrics = PrometheusObserver()
         observer = SafeObserver(self.metrics)
         self.pool = IngredientPool(self.device, observer, settings.ingredient_placement)
         self.kitchen = Kitchen(self.pool, observer, settings.merge_kernels)
         self.repository = BlendRepository(observer)
-        self.engine = Engine(self.repository, observer, workers=settings.grpc_workers)
+        self.engine = Engine(self.repository, observer, workers=settings.grpc_workers, threads=threads)
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         if settings.store is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="tureen-store-")

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-threads",
         type=_positive,
         metavar="N",
-        help="threads of torch's CPU operators (Triton's INTRA_OP_THREAD_COUNT; default on a CPU device: the cores "
-        "less one, left to the serving loop, unless OMP_NUM_THREADS is set)",
+        help="threads of torch's CPU operators (Triton's INTRA_OP_THREAD_COUNT; default on a CPU device: every core "
+        "for a forward on the serving loop, the cores less one for forwards and generations beside it, unless "
+        "OMP_NUM_THREADS is set)",
     )
     _kernels_option(serve)
     _placement_option(serve)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -28,24 +29,46 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str]) -> int | None:
-    """How many threads torch's CPU operators get (None: leave torch's own choice).
+@dataclass(frozen=True)
+class CpuThreads:
+    """How many threads torch's CPU operators get, by where the work runs (None: torch's own choice)."""
 
-    Asked for, it is that. Otherwise, when forwards run on the CPU and neither ``OMP_NUM_THREADS``
-    nor ``MKL_NUM_THREADS`` is set, one core is left to the serving loop: on a small machine a
-    forward that wants every core waits for the one receiving requests (``bench/peers.py``'s
-    big-model rows with dynamic batching show the throughput this gives).
+    loop: int | None
+    """A forward on the serving loop: the loop waits for it, so its core is the forward's too."""
+    beside: int | None
+    """Work beside the loop (forward workers, generation loops): one core is left to the loop."""
+
+
+def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str]) -> CpuThreads:
+    """The thread counts of a server on ``device``.
+
+    Asked for (``--cpu-threads``), it is that everywhere. Otherwise, when forwards run on the CPU
+    and neither ``OMP_NUM_THREADS`` nor ``MKL_NUM_THREADS`` is set, a forward on the serving loop
+    gets every core and work beside the loop gets the cores less one: on a small machine a
+    forward that wants every core waits for the one receiving requests, while a forward on the
+    loop has nothing to wait for (``bench/peers.py``'s big-model rows show the throughput of both).
     """
     if requested is not None:
-        return requested
+        return CpuThreads(requested, requested)
     if device.type != "cpu" or "OMP_NUM_THREADS" in environ or "MKL_NUM_THREADS" in environ:
-        return None
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+        return CpuThreads(None, None)
+    cores = len(os.sched_getaffinity(0))
+    return CpuThreads(cores, max(1, cores - 1))
 
 
-def limit_cpu_threads(requested: int | None, device: torch.device) -> int:
-    """Apply ``cpu_threads`` to this process; returns the thread count torch now uses."""
+def limit_cpu_threads(requested: int | None, device: torch.device) -> CpuThreads:
+    """Apply ``cpu_threads`` to this process (the count beside the loop); returns the plan."""
     threads = cpu_threads(requested, device, os.environ)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    use_cpu_threads(threads.beside)
+    return threads
+
+
+def use_cpu_threads(count: int | None) -> None:
+    """Give the calling thread's torch operators ``count`` threads (None: leave them).
+
+    Torch's count is per thread once the thread has started its pools, and a thread starts them
+    with the count last set by any thread; reading the count first starts them, so the count set
+    here is not overwritten later by one set elsewhere.
+    """
+    if count is not None and torch.get_num_threads() != count:
+        torch.set_num_threads(count)

@@ -28,6 +28,7 @@ import torch
 
 from tureen.core.batching import Batcher, BatchPolicy, Job
 from tureen.core.blends import Blend, BlendRepository
+from tureen.core.devices import CpuThreads, use_cpu_threads
 from tureen.core.llm.serving import GenerateRequest, Generations, Stream
 from tureen.core.observer import Observer
 from tureen.core.rollout import OnlineAccuracy
@@ -110,16 +111,25 @@ class Engine:
     """Runs requests on whichever blend each one is routed to when it arrives."""
 
     def __init__(
-        self, repository: BlendRepository, observer: Observer, online: OnlineAccuracy | None = None, workers: int = 8
+        self,
+        repository: BlendRepository,
+        observer: Observer,
+        online: OnlineAccuracy | None = None,
+        workers: int = 8,
+        threads: CpuThreads | None = None,
     ) -> None:
-        """``workers``: threads for forwards too slow to run on the event loop."""
+        """``workers``: threads for forwards too slow to run on the event loop; ``threads``: torch's
+        CPU threads for a forward on the loop and for one beside it (None: torch's own choice)."""
         self.repository = repository
         self.statistics = StatisticsBook()
         self.online = online if online is not None else OnlineAccuracy()
         self._observer = observer
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
-        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-forward")
-        self.generations = Generations(repository, self.statistics, observer, self.failed, self.online)
+        self._cpu = threads = threads or CpuThreads(None, None)
+        self._threads = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="tureen-forward", initializer=use_cpu_threads, initargs=(threads.beside,)
+        )
+        self.generations = Generations(repository, self.statistics, observer, self.failed, self.online, threads.beside)
 
     async def serve(self, call: Call[T]) -> T:
         """Decode, route, check, queue, compute and encode one request; count it once."""
@@ -200,6 +210,7 @@ class Engine:
         """One batch: on the loop when this blend's forwards are short, else on a worker thread."""
         lane = self._lane(jobs[0].payload.blend)
         if lane.forward_ns is not None and lane.forward_ns < lane.inline_ns:
+            use_cpu_threads(self._cpu.loop)
             took = self._execute(jobs)
         else:
             took = await asyncio.get_running_loop().run_in_executor(self._threads, self._execute, jobs)

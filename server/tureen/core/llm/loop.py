@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from tureen.core.devices import use_cpu_threads
 from tureen.core.llm.batch import Batch, Stepper
 from tureen.core.llm.generation import Generation
 from tureen.errors import InferenceFailed
@@ -38,12 +39,19 @@ class Generator:
     """The generations of one blend, run in batches on a thread while there are any."""
 
     def __init__(
-        self, module: nn.Module, device: torch.device, name: str, counts: Callable[[int, int], None] = lambda r, w: None
+        self,
+        module: nn.Module,
+        device: torch.device,
+        name: str,
+        counts: Callable[[int, int], None] = lambda r, w: None,
+        cpu_threads: int | None = None,
     ) -> None:
-        """``counts(running, waiting)`` hears each change of the numbers of generations."""
+        """``counts(running, waiting)`` hears each change of the numbers of generations;
+        ``cpu_threads``: torch's CPU threads on the loop's thread (None: torch's own choice)."""
         self._stepper = Stepper(module, device, lambda ended: self._running_now(self.active - ended))
         self._name = name
         self._counts = counts
+        self._cpu_threads = cpu_threads
         self._pending: deque[Generation] = deque()
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -64,6 +72,7 @@ class Generator:
 
     def _work(self) -> None:
         try:
+            use_cpu_threads(self._cpu_threads)
             self._serve_batches()
         finally:  # whatever escaped, the next submit starts a thread again
             with self._lock:

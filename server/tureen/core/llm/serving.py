@@ -129,9 +129,12 @@ class Generations:
         observer: Observer,
         failed: Callable[[str, int, Blend | None, SoupError], None],
         online: OnlineAccuracy,
+        cpu_threads: int | None = None,
     ) -> None:
         """``failed(model, received_ns, blend, error)``: the engine's one way to count a failure;
-        ``online`` remembers which version answered each request id, for feedback."""
+        ``online`` remembers which version answered each request id, for feedback;
+        ``cpu_threads``: torch's CPU threads on a generation loop's thread (None: torch's choice)."""
+        self._cpu_threads = cpu_threads
         self._online = online
         self._repository = repository
         self._statistics = statistics
@@ -188,7 +191,7 @@ class Generations:
         def counts(running: int, waiting: int) -> None:
             observer.generations_now(model, version, running, waiting)
 
-        self._lanes[blend] = lane = _Lane(codec, Generator(blend.module, blend.device, where, counts))
+        self._lanes[blend] = lane = _Lane(codec, Generator(blend.module, blend.device, where, counts, self._cpu_threads))
         return lane
 
     @staticmethod

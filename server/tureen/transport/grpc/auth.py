@@ -2,7 +2,7 @@
 
 This module only finds what the decision needs in gRPC terms (which service a method belongs
 to, the peer's address, the bearer token); the refusal is a ``SoupError`` that the error
-interceptor maps to its status like any other. Health and reflection stay open, so probes and
+wrapper (``status.guarded``) maps to its status like any other. Health and reflection stay open, so probes and
 tools work without secrets.
 """
 
@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-import grpc
 
 from tureen.core.access import Access, Kind, bearer_of
 
@@ -22,34 +20,20 @@ INFERENCE_PREFIXES = ("/inference.GRPCInferenceService/", "/tureen.v1.SoupFeedba
 _PEER = re.compile(r"^ipv4:(?P<v4>[\d.]+):\d+$|^ipv6:\[(?P<v6>[0-9A-Fa-f:.]+)(?:%[^\]]*)?\]:\d+$")
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Runs ``Access.admit`` before the admin and inference methods; placed inside the error
-    interceptor, so that its refusals get their status in the one place statuses are chosen."""
+def admitting(access: Access, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """``behavior`` of ``method``, admitting each caller by ``access`` first (unchanged for
+    methods open to all: health and reflection)."""
+    kind: Kind | None = (
+        "admin" if method.startswith(ADMIN_PREFIXES) else "inference" if method.startswith(INFERENCE_PREFIXES) else None
+    )
+    if kind is None:
+        return behavior
 
-    def __init__(self, access: Access) -> None:
-        self._access = access
+    def admit(context: Any) -> None:
+        if not access.open_to_all(kind):  # inference without a token: nothing to look at
+            access.admit(kind, bearer_token(context.invocation_metadata() or ()), peer_address(context.peer()))
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        kind: Kind | None = (
-            "admin" if method.startswith(ADMIN_PREFIXES) else "inference" if method.startswith(INFERENCE_PREFIXES) else None
-        )
-        if handler is None or kind is None or self._access.open_to_all(kind):
-            return handler
-        bearer = bearer_token(handler_call_details.invocation_metadata or ())
-        access = self._access
-
-        def admit(context: Any) -> None:
-            access.admit(kind, bearer, peer_address(context.peer()))
-
-        for slot in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, slot)
-            if behavior is not None:
-                return handler._replace(**{slot: _admitted(behavior, admit)})
-        return handler
+    return _admitted(behavior, admit)
 
 
 def _admitted(behavior: Callable[..., Any], admit: Callable[[Any], None]) -> Callable[..., Any]:

@@ -1,4 +1,5 @@
-"""Assembling the gRPC server (``grpc.aio``, on the serving loop): servicers, interceptors, health, reflection, limits."""
+"""Assembling the gRPC server (``grpc.aio``, on the serving loop): servicers with their access and error
+wrappers, health, reflection, limits."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from tureen.core.blends import BlendRepository
 from tureen.core.controller import Controller
 from tureen.core.engine import Engine
 from tureen.transport.grpc.admin import AdminServicer, FeedbackServicer
-from tureen.transport.grpc.auth import AccessInterceptor
+from tureen.transport.grpc.handlers import register
 from tureen.transport.grpc.health import INFERENCE_SERVICE, Health, add_health
 from tureen.transport.grpc.health import SERVICE_NAME as HEALTH_SERVICE
 from tureen.transport.grpc.kserve import InferenceServicer
-from tureen.transport.grpc.status import ErrorInterceptor
 from tureen.transport.loop import ServingLoop
 from tureen.transport.tls import Tls, read_file
 from tureen.v1 import admin_pb2, admin_pb2_grpc
@@ -72,18 +72,19 @@ def create_server(
     async def build() -> Endpoint:
         server = grpc.aio.server(
             migration_thread_pool=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tureen-grpc"),
-            # The first interceptor is the outermost: the error interceptor then maps the access
-            # interceptor's refusals to statuses too.
-            interceptors=[ErrorInterceptor(), AccessInterceptor(access or Access())],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, repository, controller), server)
-        admin_pb2_grpc.add_SoupAdminServicer_to_server(AdminServicer(controller, controller.kitchen.pool), server)
-        admin_pb2_grpc.add_SoupFeedbackServicer_to_server(FeedbackServicer(controller), server)
+        rules = access or Access()
+        inference = InferenceServicer(engine, repository, controller)
+        register(server, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, inference, rules)
+        register(
+            server, admin_pb2_grpc.add_SoupAdminServicer_to_server, AdminServicer(controller, controller.kitchen.pool), rules
+        )
+        register(server, admin_pb2_grpc.add_SoupFeedbackServicer_to_server, FeedbackServicer(controller), rules)
         health = add_health(server, repository, loop.loop)
         services = (INFERENCE_SERVICE, ADMIN_SERVICE, FEEDBACK_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)

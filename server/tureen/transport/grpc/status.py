@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -45,27 +45,6 @@ def status_of(error: errors.SoupError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns a ``SoupError`` raised by any servicer, async or not, into its status and message."""
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        for slot in SLOTS:
-            behavior = getattr(handler, slot)
-            if behavior is not None:
-                return handler._replace(**{slot: _guarded(behavior, method, streams=slot.endswith("stream"))})
-        return handler
-
-
-SLOTS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-"""The four kinds of RPC handler; a handler sets exactly one."""
-
-
 def decide(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     """The status and message for an exception a servicer raised."""
     if isinstance(exc, errors.SoupError):
@@ -76,7 +55,9 @@ def decide(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-def _guarded(behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+def guarded(behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+    """``behavior`` of ``method`` (async or not; ``streams``: it yields responses) with any error
+    it raises turned into its status and message."""
     if inspect.isasyncgenfunction(behavior):
 
         async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
