@@ -40,8 +40,8 @@ def finish(controller: Controller, cache_dir: Path) -> None:
 def report(versions: list[StoredVersion], cache_dir: Path) -> None:
     uniform = next((v for v in versions if v.spec.merge.method == "linear" and v.evaluation), None)
     greedy = next((v for v in reversed(versions) if v.spec.merge.method == "greedy" and v.evaluation), None)
-    scored = greedy or uniform
-    if scored is None or not scored.ingredient_evaluation:
+    scored = next((v for v in (uniform, greedy) if v is not None and v.ingredient_evaluation), None)
+    if scored is None:  # the fine-tunes alone are scored with the uniform soup (the greedy spec skips them)
         _log.info("demo llm: no evaluated version of %r in the store to report", llm.MODEL)
         return
     names = list(scored.ingredient_evaluation)
