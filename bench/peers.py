@@ -10,6 +10,8 @@ the same merged weights everywhere) from:
   dynamic batcher (100 us), when ``PEERS/pyt`` is a venv with ``nvidia-pytriton``;
 - ``tureen-pb`` and ``triton-pb``: both batchers with one configuration tuned for 16 clients
   (preferred batch size 16, queue delay 5 ms), the same on both sides;
+- ``tureen-d100`` ... ``tureen-d5000``: Tureen with queue delays of 100 us to 5 ms, only when
+  ``--only`` names them;
 - ``kserve``: KServe's ModelServer, when ``PEERS/ksv`` is a venv with ``kserve``;
 - ``mlserver`` and ``mlserver-ab``: Seldon MLServer without and with adaptive batching (64 rows,
   0.5 ms), when ``PEERS/mls`` is a venv with ``mlserver`` (pin ``uvloop==0.21.0`` there: its
@@ -64,6 +66,10 @@ POINTS = [
 TUNED = {"max_queue_delay_us": 5000, "preferred_batch_sizes": [16]}
 """The ``-pb`` servers' batching, given to Tureen and Triton alike."""
 
+SWEEP = (100, 1000, 2000, 5000)
+"""Queue delays (us) of the ``tureen-dN`` servers, run only when ``--only`` names them: where a
+batch's forward runs (the serving loop from 2 ms on, else a worker thread) shows in their rows."""
+
 
 def prepare(work: Path) -> None:
     """Ingredients, specs, merged weights (for the peers) and perf_analyzer's input rows."""
@@ -92,6 +98,9 @@ def prepare(work: Path) -> None:
         (work / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         (work / f"{name}-db.yaml").write_text(yaml.safe_dump({**spec, "serving": {"batching": {"max_queue_delay_us": 0}}}))
         (work / f"{name}-pb.yaml").write_text(yaml.safe_dump({**spec, "serving": {"batching": TUNED}}))
+        for delay in SWEEP:
+            batching = {"batching": {"max_queue_delay_us": delay}}
+            (work / f"{name}-d{delay}.yaml").write_text(yaml.safe_dump({**spec, "serving": batching}))
         subprocess.run(
             [
                 sys.executable,
@@ -128,7 +137,8 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 def servers(work: Path, peers: Path) -> dict[str, tuple[list[str], dict[str, str], int, int | None]]:
     """name -> (command, environment, gRPC port, HTTP port)."""
     found: dict[str, tuple[list[str], dict[str, str], int, int | None]] = {}
-    for i, (name, suffix) in enumerate((("tureen", ""), ("tureen-db", "-db"), ("tureen-pb", "-pb"))):
+    variants = [("tureen", ""), ("tureen-db", "-db"), ("tureen-pb", "-pb")] + [(f"tureen-d{d}", f"-d{d}") for d in SWEEP]
+    for i, (name, suffix) in enumerate(variants):
         grpc_port, http_port = 18101 + 10 * i, 18100 + 10 * i
         command = [sys.executable, "-m", "tureen", "--log-level", "warning", "serve", "--host", "127.0.0.1"]
         command += [
@@ -301,7 +311,8 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
-    found = {n: s for n, s in servers(work, args.peers).items() if not args.only or n in args.only}
+    swept = {f"tureen-d{delay}" for delay in SWEEP}
+    found = {n: s for n, s in servers(work, args.peers).items() if (n in args.only if args.only else n not in swept)}
     processes = {name: start(name, command, env, work) for name, (command, env, _, _) in found.items()}
     try:
         ready = [name for name in found if wait_ready(found[name][2], processes[name])]

@@ -277,7 +277,8 @@ def test_a_failure_after_routing_is_booked_on_the_version_that_served_it(soup: t
     assert sample(text, "tureen_request_failure_total", model="digits", version="1", reason="invalid_argument") == 1
 
 
-GATHERING = {"batching": {"max_queue_delay_us": 100}}
+GATHERING = {"batching": {"max_queue_delay_us": 2000}}
+QUICK = {"batching": {"max_queue_delay_us": 100}}
 
 
 @pytest.mark.parametrize(
@@ -285,15 +286,17 @@ GATHERING = {"batching": {"max_queue_delay_us": 100}}
     [
         (0.0, None, "tureen-serve"),
         (0.01, None, "tureen-forward"),
+        (0.01, QUICK, "tureen-forward"),
         (0.01, GATHERING, "tureen-serve"),
         (0.08, GATHERING, "tureen-forward"),
     ],
-    ids=["short", "slow", "slow-gathered", "slower-gathered"],
+    ids=["short", "slow", "slow-quick-delay", "slow-gathered", "slower-gathered"],
 )
 def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
     soup: tuple[Path, dict], pause: float, serving: dict | None, where: str
 ) -> None:
-    """A CPU blend that batches with a queue delay keeps forwards of up to 50 ms on the loop. A
+    """A CPU blend that batches with a queue delay of 2 ms or more keeps forwards of up to 50 ms
+    on the loop (a shorter delay could not gather what arrived during them). A
     forward on the loop gets every core (the loop waits for it); one on a worker thread leaves a
     core to the loop."""
     from archs import Recorder

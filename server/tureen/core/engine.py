@@ -11,7 +11,7 @@ as a success after its response is encoded, or as a failure of the blend it was 
 itself while the blend's forwards are short (no thread hand-off per request: that is what keeps
 the GIL from being passed around between threads under load), and on a worker thread once they
 are slow enough that the loop should go on receiving meanwhile. A CPU blend that batches with a
-queue delay keeps longer forwards on the loop (see ``INLINE_BATCHED_NS``).
+queue delay of 2 ms or more keeps longer forwards on the loop (see ``INLINE_BATCHED_NS``).
 """
 
 from __future__ import annotations
@@ -89,12 +89,19 @@ INLINE_NS = 2_000_000
 on the event loop; a blend's first batch, with nothing measured yet, runs on a worker thread."""
 
 INLINE_BATCHED_NS = 50_000_000
-"""The same bound for a CPU blend that batches with a queue delay. Its forward's intra-op threads
-already use every core, so a loop receiving meanwhile only takes cycles from it and splits the
-clients into two groups that alternate in half-size batches; on the loop, the requests that
-arrive during a forward wait in the sockets and the queue delay gathers them into one batch
-(bench/peers.py, 10M-parameter MLP at c=16 with a 5 ms delay: about 1.35x the throughput).
-Bounded so that a slow model cannot stall health checks and other models' requests for long."""
+"""The same bound for a CPU blend that batches with a queue delay of ``GATHERING_DELAY_NS`` or
+more. Its forward's intra-op threads would use every core, so a loop receiving meanwhile only
+takes cycles from it and splits the clients into two groups that alternate in half-size
+batches; on the loop, the requests that arrive during a forward wait in the transport and the
+queue delay gathers them into one batch. Bounded so that a slow model cannot stall health checks
+and other models' requests for long."""
+
+GATHERING_DELAY_NS = 2_000_000
+"""The shortest queue delay that gathers, after a forward on the loop, the requests that arrived
+during it: the transport takes them in one call per loop turn, about one per 0.2 ms under load
+here. ``bench/peers.py``'s 10M-parameter MLP at c=16 on 2 cores, batches on the loop against
+batches on a worker thread with a delay of 0 (640-790 infer/s): 250-300 with a 100 us delay,
+375-465 with 1 ms, 550-745 with 2 ms, 940-985 with 5 ms, 1100-1270 with 5 ms and preferred size 16."""
 
 
 @dataclass
@@ -202,7 +209,7 @@ class Engine:
                 f"model {model!r} version {version}",
             )
         )
-        gathers = policy is not None and policy.max_queue_delay_ns > 0 and blend.device.type == "cpu"
+        gathers = policy is not None and policy.max_queue_delay_ns >= GATHERING_DELAY_NS and blend.device.type == "cpu"
         self._lanes[blend] = lane = _Lane(batcher, INLINE_BATCHED_NS if gathers else INLINE_NS)
         return lane
 
