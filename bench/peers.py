@@ -240,14 +240,16 @@ def measure(
     return float(row["Inferences/Second"]), int(row["p50 latency"]) / 1000
 
 
-def table(results: dict[tuple[str, int, str, str], list[tuple[float, float]]], names: list[str]) -> None:
+def table(
+    results: dict[tuple[str, int, str, str], list[tuple[float, float]]], names: list[str], points: list[tuple[str, int, str]]
+) -> None:
     def cell(key: tuple[str, int, str, str], index: int) -> float | None:
         values = [r[index] for r in results.get(key, [])]
         return statistics.median(values) if values else None
 
     print("| model, load | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for model, concurrency, protocol in POINTS:
+    for model, concurrency, protocol in points:
         for index, what in ((0, "infer/s"), (1, "p50 ms")):
             cells = []
             for name in names:
@@ -307,7 +309,11 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.split()[-1]
-    points = [p for p in POINTS if not args.points or f"{p[0]}:{p[1]}:{p[2]}" in args.points]
+    named = {f"{model}:{c}:{protocol}": (model, c, protocol) for model, c, protocol in POINTS}
+    unknown = sorted(set(args.points or ()) - set(named))
+    if unknown:
+        parser.error(f"--points: unknown {', '.join(unknown)} (known: {', '.join(named)})")
+    points = [point for key, point in named.items() if not args.points or key in args.points]
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
@@ -332,7 +338,7 @@ def main() -> int:
                     print(f"rep {rep} {model} c={concurrency} {protocol} {name}: {got}", flush=True)
                     if got is not None:
                         results.setdefault((model, concurrency, protocol, name), []).append(got)
-        table(results, ready)
+        table(results, ready, points)
     finally:
         for process in processes.values():
             try:

@@ -293,7 +293,7 @@ QUICK = {"batching": {"max_queue_delay_us": 100}}
     ids=["short", "slow", "slow-quick-delay", "slow-gathered", "slower-gathered"],
 )
 def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
-    soup: tuple[Path, dict], pause: float, serving: dict | None, where: str
+    soup: tuple[Path, dict], pause: float, serving: dict | None, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CPU blend that batches with a queue delay of 2 ms or more keeps forwards of up to 50 ms
     on the loop (a shorter delay could not gather what arrived during them). A
@@ -301,6 +301,8 @@ def test_short_forwards_run_on_the_serving_loop_and_slow_ones_on_worker_threads(
     core to the loop."""
     from archs import Recorder
 
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the cores counted are this machine's
+        monkeypatch.delenv(name, raising=False)
     folder, _ = soup
     document = digits_spec(NAMES, architecture={"factory": "archs:recorder", "kwargs": {"hidden": 8, "pause": pause}})
     if serving is not None:
@@ -325,5 +327,8 @@ def test_cpu_threads_give_a_forward_on_the_loop_every_core_and_work_beside_it_on
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert cpu_threads(None, cpu, {}) == CpuThreads(cores, max(1, cores - 1))
     assert cpu_threads(3, cpu, {}) == CpuThreads(3, 3)  # --cpu-threads holds everywhere
-    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4"}) == CpuThreads(None, None)
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4"}) == CpuThreads(4, 3)  # a pod's CPU limit, as the chart sets it
+    assert cpu_threads(None, cpu, {"MKL_NUM_THREADS": "1"}) == CpuThreads(1, 1)
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4,2"}) == CpuThreads(4, 3)  # one count per nesting level
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "all"}) == CpuThreads(None, None)  # torch reads it its own way
     assert cpu_threads(None, cuda, {}) == CpuThreads(None, None)

@@ -48,8 +48,8 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     grpc_workers: int = 8
     cpu_threads: int | None = None
-    """Threads of torch's CPU operators; None, on a CPU device: every core for a forward on the serving
-    loop, the cores less one for work beside it."""
+    """Threads of torch's CPU operators; None, on a CPU device: every core (``OMP_NUM_THREADS`` when
+    set) for a forward on the serving loop and for builds, the cores less one for work beside it."""
     merge_kernels: Kernels = "auto"
     ingredient_placement: Placement | Literal["auto"] = "auto"
     """Where ingredients of specs that name no placement live between merges."""
@@ -101,9 +101,7 @@ class App:
         self.device = resolve_device(settings.device)
         threads = limit_cpu_threads(settings.cpu_threads, self.device)
         _log.info(
-            "torch CPU threads: %s for forwards on the serving loop, %s beside it",
-            threads.loop or "torch's default",
-            threads.beside or "torch's default",
+            "torch CPU threads: %s for forwards on the serving loop and builds, %s beside the loop", threads.loop, threads.beside
         )
         self.metrics = PrometheusObserver()
         observer = SafeObserver(self.metrics)
@@ -126,6 +124,7 @@ class App:
             memory_limit=settings.blend_memory_bytes,
             online=self.engine.online,
             policy=self.policy,
+            build_threads=threads.loop,
         )
         for spec, source in zip(self.specs, self.sources, strict=True):
             self.controller.seed(spec, source)

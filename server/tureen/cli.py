@@ -124,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         metavar="N",
         help="threads of torch's CPU operators (Triton's INTRA_OP_THREAD_COUNT; default on a CPU device: every core "
-        "for a forward on the serving loop, the cores less one for forwards and generations beside it, unless "
-        "OMP_NUM_THREADS is set)",
+        "for a forward on the serving loop and for builds, the cores less one for forwards and generations beside "
+        "it; OMP_NUM_THREADS, when set, counts as the cores)",
     )
     _kernels_option(serve)
     _placement_option(serve)

@@ -81,8 +81,11 @@ class Builds:
         policy: SpecPolicy,
         observer: Observer,
         changed: Callable[[], None],
+        threads: int | None = None,
     ) -> None:
-        """``changed`` is told whenever a build starts, moves on or ends (status watchers wake)."""
+        """``changed`` is told whenever a build starts, moves on or ends (status watchers wake);
+        ``threads``: torch's CPU threads for a build (default: every core)."""
+        self._threads = threads
         self.kitchen = kitchen
         self.lifecycle = lifecycle
         self.residency = residency
@@ -126,7 +129,7 @@ class Builds:
                 self.policy.check(stored.spec)
             stored = self.lifecycle.building(stored)
             budget = self.residency.budget(model, version)
-            with every_core():
+            with every_core(self._threads):
                 blend = self.kitchen.build(stored.spec, version, progress, budget, resolution=stored.resolution)
         except MemoryError as exc:  # a build that cannot get memory must not take the server down
             failure = OutOfMemory(f"model {model!r} version {version}: out of memory while building: {exc}")
@@ -159,8 +162,10 @@ class Builds:
 
 
 @contextlib.contextmanager
-def every_core() -> Iterator[None]:
-    """Let this build's torch operators use every core, restoring the serving count after.
+def every_core(threads: int | None = None) -> Iterator[None]:
+    """Let this build's torch operators use ``threads`` (default: every core; a server gives the
+    count of a forward on its loop, which the operator's ``--cpu-threads`` or ``OMP_NUM_THREADS``
+    sets), restoring this thread's count after.
 
     Torch's thread count is per thread for the threads that already run (the serving loop and
     the forward workers keep theirs: ``--cpu-threads``); the build runs at lowered priority, so
@@ -168,7 +173,7 @@ def every_core() -> Iterator[None]:
     push-to-serving of the 1B linear soup from disk took 12.3 s with one thread, 7.5 s with both.
     """
     serving = torch.get_num_threads()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
     try:
         yield
     finally:

@@ -48,9 +48,11 @@ class Controller:
         memory_limit: int | None = None,
         online: OnlineAccuracy | None = None,
         policy: SpecPolicy | None = None,
+        build_threads: int | None = None,
     ) -> None:
         """``memory_limit``: bytes all blends (active and kept) may hold on the device together.
-        ``policy``: what a pushed spec may name (default: Tureen's own factories, no files)."""
+        ``policy``: what a pushed spec may name (default: Tureen's own factories, no files).
+        ``build_threads``: torch's CPU threads for a build (default: every core)."""
         self.store = store
         self.policy = policy if policy is not None else SpecPolicy()
         self.kitchen = kitchen
@@ -64,7 +66,7 @@ class Controller:
         self.changes = Changes()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.builds = Builds(kitchen, self.lifecycle, self.residency, self.policy, observer, self.changes.bump)
+        self.builds = Builds(kitchen, self.lifecycle, self.residency, self.policy, observer, self.changes.bump, build_threads)
         self.swaps = Swaps(store, repository, self.residency, self.builds, observer, self.changes.bump)
         self._given_up: dict[str, tuple[int, float]] = {}
         """model -> (version, when it was activated) this replica failed to follow: not retried

@@ -42,23 +42,42 @@ class CpuThreads:
 def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str]) -> CpuThreads:
     """The thread counts of a server on ``device``.
 
-    Asked for (``--cpu-threads``), it is that everywhere. Otherwise, when forwards run on the CPU
-    and neither ``OMP_NUM_THREADS`` nor ``MKL_NUM_THREADS`` is set, a forward on the serving loop
-    gets every core and work beside the loop gets the cores less one: on a small machine a
-    forward that wants every core waits for the one receiving requests, while a forward on the
-    loop has nothing to wait for (``bench/peers.py``'s big-model rows show the throughput of both).
+    Asked for (``--cpu-threads``), it is that everywhere. Otherwise, when forwards run on the CPU,
+    a forward on the serving loop gets every core and work beside the loop gets the cores less
+    one: on a small machine a forward that wants every core waits for the one receiving requests,
+    while a forward on the loop has nothing to wait for (``bench/peers.py``'s big-model rows show
+    the throughput of both). The cores are ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) when set,
+    as Kubernetes sets it from a pod's CPU limit, else those this process may run on.
     """
     if requested is not None:
         return CpuThreads(requested, requested)
-    if device.type != "cpu" or "OMP_NUM_THREADS" in environ or "MKL_NUM_THREADS" in environ:
+    if device.type != "cpu":
         return CpuThreads(None, None)
-    cores = len(os.sched_getaffinity(0))
+    cores = _cores_from(environ)
+    if cores is None:
+        return CpuThreads(None, None)
     return CpuThreads(cores, max(1, cores - 1))
 
 
+def _cores_from(environ: Mapping[str, str]) -> int | None:
+    """The cores the operator gave torch (None: a value torch reads its own way), else this
+    process's CPU affinity."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if name in environ:
+            first = environ[name].split(",")[0].strip()  # OpenMP allows a list, one count per nesting level
+            return int(first) if first.isdigit() and int(first) > 0 else None
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def limit_cpu_threads(requested: int | None, device: torch.device) -> CpuThreads:
-    """Apply ``cpu_threads`` to this process (the count beside the loop); returns the plan."""
+    """Apply ``cpu_threads`` to this thread (the count beside the loop); returns the plan, with
+    torch's own choice (``OMP_NUM_THREADS``, else its default) read now where it leaves one, so
+    that every thread can be given its count: a thread that starts its pools later would take
+    whatever count another thread set last (a build's, say)."""
     threads = cpu_threads(requested, device, os.environ)
+    if threads.loop is None or threads.beside is None:
+        chosen = torch.get_num_threads()
+        threads = CpuThreads(threads.loop or chosen, threads.beside or chosen)
     use_cpu_threads(threads.beside)
     return threads
 

@@ -99,9 +99,9 @@ and other models' requests for long."""
 GATHERING_DELAY_NS = 2_000_000
 """The shortest queue delay that gathers, after a forward on the loop, the requests that arrived
 during it: the transport takes them in one call per loop turn, about one per 0.2 ms under load
-here. ``bench/peers.py``'s 10M-parameter MLP at c=16 on 2 cores, batches on the loop against
-batches on a worker thread with a delay of 0 (640-790 infer/s): 250-300 with a 100 us delay,
-375-465 with 1 ms, 550-745 with 2 ms, 940-985 with 5 ms, 1100-1270 with 5 ms and preferred size 16."""
+here. The 10M-parameter MLP of ``bench/peers.py`` at c=16 on 2 cores, batches on the loop against
+a delay of 0 on a worker thread (640-790 infer/s): 250-300 with a 100 us delay, 375-465 with 1 ms,
+550-745 with 2 ms (about even), 940-985 with 5 ms, 1100-1270 with 5 ms and preferred size 16."""
 
 
 @dataclass
