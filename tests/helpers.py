@@ -97,15 +97,19 @@ def running_app(specs: list[SoupSpec], build: bool = True, sources: list[str] | 
 
 
 @contextmanager
-def serve_process(args: list[str], timeout: float = 90.0) -> Iterator[tuple[subprocess.Popen[str], int, int, list[str]]]:
+def serve_process(
+    args: list[str], timeout: float = 90.0, environ: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, int, list[str]]]:
     """Run ``tureen serve ARGS`` on free ports until it logs "ready"; stop it (SIGTERM, then kill) on exit.
 
     A thread keeps draining the server's stderr into the returned list of lines, so the server
-    never blocks on a full pipe and the test can read what it logged.
+    never blocks on a full pipe and the test can read what it logged. ``environ`` replaces the
+    server's environment (then no scratch store is added: the test chose where stores go).
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    base = os.environ if environ is None else environ
+    env = {**base, "PYTHONPATH": os.pathsep.join([str(TESTS), base.get("PYTHONPATH", "")])}
     scratch = None
-    if "--store" not in args:  # never the user's own store
+    if "--store" not in args and environ is None:  # never the user's own store
         scratch = tempfile.TemporaryDirectory(prefix="tureen-test-store-")
         args = [*args, "--store", scratch.name]
     command = [sys.executable, "-m", "tureen", "serve", *args, "--host", "127.0.0.1", "--grpc-port", "0"]

@@ -147,6 +147,23 @@ def test_the_demo_trains_once_then_serves_a_real_soup_from_its_cache(tmp_path: P
             assert shown == {1: "retired", 2: "active"}, shown
 
 
+def test_each_demo_folder_keeps_its_own_store(tmp_path: Path) -> None:
+    """Without --store, a demo's versions live in its folder: a store seeded from another demo
+    folder would name that folder's files, which this demo may not read."""
+    environ = {k: v for k, v in os.environ.items() if k != "TUREEN_STORE"}
+    environ["XDG_STATE_HOME"] = str(tmp_path / "state")  # where the default store would be
+    for folder in ("one", "two"):
+        demo_dir = tmp_path / folder
+        with (
+            serve_process(["--demo", "--demo-dir", str(demo_dir)], timeout=60, environ=environ) as (_p, grpc_port, _m, _l),
+            SoupClient(f"127.0.0.1:{grpc_port}") as soups,
+        ):
+            shown = {int(v["version"]): v["state"] for v in soups.versions("digits")}
+        assert shown == {1: "retired", 2: "active"}, (folder, shown)
+        assert (demo_dir / "store" / "models" / "digits" / "active.json").is_file(), folder
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_broken_demo_cache_is_rebuilt(tmp_path: Path) -> None:
     demo_dir = tmp_path / "demo"
     demo_dir.mkdir()

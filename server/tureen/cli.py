@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store",
         metavar="DIR",
-        help="the durable spec store, shareable by replicas (default: $TUREEN_STORE, else "
-        "$XDG_STATE_HOME/tureen/store or ~/.local/state/tureen/store)",
+        help="the durable spec store, shareable by replicas (default: $TUREEN_STORE, else the demo folder's "
+        "store/ with --demo, else $XDG_STATE_HOME/tureen/store or ~/.local/state/tureen/store)",
     )
     serve.add_argument(
         "--keep-versions",
@@ -333,7 +333,9 @@ def _serve(args: argparse.Namespace) -> int:
         demo_dir = args.demo_dir or _demo(args.demo).default_cache_dir()
         sources.append(str(_demo(args.demo).prepare(demo_dir)))
     specs = [load_spec(path) for path in sources]
-    store = args.store or default_store()
+    # A demo keeps its versions beside its files: a store that another demo folder seeded would
+    # name that folder's files, which this demo's policy refuses.
+    store = args.store or os.environ.get("TUREEN_STORE") or (str(demo_dir / "store") if demo_dir else default_store())
     if not specs and not SpecStore(store).models():
         raise SoupError(f"nothing to serve: give --spec FILE (repeatable) or --demo, or push specs to a store (--store {store})")
     settings = Settings(
