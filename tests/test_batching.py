@@ -325,10 +325,10 @@ def test_cpu_threads_give_a_forward_on_the_loop_every_core_and_work_beside_it_on
 
     cores = len(os.sched_getaffinity(0))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert cpu_threads(None, cpu, {}) == CpuThreads(cores, max(1, cores - 1))
-    assert cpu_threads(3, cpu, {}) == CpuThreads(3, 3)  # --cpu-threads holds everywhere
-    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4"}) == CpuThreads(4, 3)  # a pod's CPU limit, as the chart sets it
-    assert cpu_threads(None, cpu, {"MKL_NUM_THREADS": "1"}) == CpuThreads(1, 1)
-    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4,2"}) == CpuThreads(4, 3)  # one count per nesting level
-    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "all"}) == CpuThreads(None, None)  # torch reads it its own way
-    assert cpu_threads(None, cuda, {}) == CpuThreads(None, None)
+    assert cpu_threads(None, cpu, {}, 7) == CpuThreads(cores, max(1, cores - 1))
+    assert cpu_threads(3, cpu, {}, 7) == CpuThreads(3, 3)  # --cpu-threads holds everywhere
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4"}, 7) == CpuThreads(4, 3)  # a pod's CPU limit, as the chart sets it
+    assert cpu_threads(None, cpu, {"MKL_NUM_THREADS": "1"}, 7) == CpuThreads(1, 1)
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "4,2"}, 7) == CpuThreads(4, 3)  # one count per nesting level
+    assert cpu_threads(None, cpu, {"OMP_NUM_THREADS": "all"}, 7) == CpuThreads(7, 7)  # torch reads it its own way
+    assert cpu_threads(None, cuda, {}, 7) == CpuThreads(7, 7)

@@ -266,10 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def default_store() -> str:
-    """$TUREEN_STORE, else the XDG state directory's tureen/store."""
+def default_store(demo_dir: Path | None = None) -> str:
+    """$TUREEN_STORE, else the demo folder's store/ when serving a demo, else the XDG state
+    directory's tureen/store. A demo keeps its versions beside its files: a store that another
+    demo folder seeded would name that folder's files, which this demo's policy refuses."""
     if os.environ.get("TUREEN_STORE"):
         return os.environ["TUREEN_STORE"]
+    if demo_dir is not None:
+        return str(demo_dir / "store")
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(state) / "tureen" / "store")
 
@@ -333,9 +337,7 @@ def _serve(args: argparse.Namespace) -> int:
         demo_dir = args.demo_dir or _demo(args.demo).default_cache_dir()
         sources.append(str(_demo(args.demo).prepare(demo_dir)))
     specs = [load_spec(path) for path in sources]
-    # A demo keeps its versions beside its files: a store that another demo folder seeded would
-    # name that folder's files, which this demo's policy refuses.
-    store = args.store or os.environ.get("TUREEN_STORE") or (str(demo_dir / "store") if demo_dir else default_store())
+    store = args.store or default_store(demo_dir)
     if not specs and not SpecStore(store).models():
         raise SoupError(f"nothing to serve: give --spec FILE (repeatable) or --demo, or push specs to a store (--store {store})")
     settings = Settings(

@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 
 from tureen.core.blends import Blend
+from tureen.core.devices import available_cores
 from tureen.core.kitchen import Kitchen
 from tureen.core.lifecycle import Lifecycle
 from tureen.core.observer import Observer
@@ -173,7 +174,7 @@ def every_core(threads: int | None = None) -> Iterator[None]:
     push-to-serving of the 1B linear soup from disk took 12.3 s with one thread, 7.5 s with both.
     """
     serving = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(threads or available_cores())
     try:
         yield
     finally:

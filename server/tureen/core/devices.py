@@ -31,32 +31,36 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class CpuThreads:
-    """How many threads torch's CPU operators get, by where the work runs (None: torch's own choice)."""
+    """How many threads torch's CPU operators get, by where the work runs."""
 
-    loop: int | None
-    """A forward on the serving loop: the loop waits for it, so its core is the forward's too."""
-    beside: int | None
+    loop: int
+    """A forward on the serving loop, and a build: the loop waits for such a forward, so its core is the forward's too."""
+    beside: int
     """Work beside the loop (forward workers, generation loops): one core is left to the loop."""
 
 
-def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str]) -> CpuThreads:
-    """The thread counts of a server on ``device``.
+def cpu_threads(requested: int | None, device: torch.device, environ: Mapping[str, str], chosen: int) -> CpuThreads:
+    """The thread counts of a server on ``device``; ``chosen`` is torch's own count.
 
     Asked for (``--cpu-threads``), it is that everywhere. Otherwise, when forwards run on the CPU,
     a forward on the serving loop gets every core and work beside the loop gets the cores less
     one: on a small machine a forward that wants every core waits for the one receiving requests,
     while a forward on the loop has nothing to wait for (``bench/peers.py``'s big-model rows show
     the throughput of both). The cores are ``OMP_NUM_THREADS`` (or ``MKL_NUM_THREADS``) when set,
-    as Kubernetes sets it from a pod's CPU limit, else those this process may run on.
+    as Kubernetes sets it from a pod's CPU limit, else those this process may run on. On another
+    device, or with a value torch reads its own way, every thread gets ``chosen``.
     """
     if requested is not None:
         return CpuThreads(requested, requested)
-    if device.type != "cpu":
-        return CpuThreads(None, None)
-    cores = _cores_from(environ)
+    cores = _cores_from(environ) if device.type == "cpu" else None
     if cores is None:
-        return CpuThreads(None, None)
+        return CpuThreads(chosen, chosen)
     return CpuThreads(cores, max(1, cores - 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _cores_from(environ: Mapping[str, str]) -> int | None:
@@ -66,18 +70,15 @@ def _cores_from(environ: Mapping[str, str]) -> int | None:
         if name in environ:
             first = environ[name].split(",")[0].strip()  # OpenMP allows a list, one count per nesting level
             return int(first) if first.isdigit() and int(first) > 0 else None
-    return max(1, len(os.sched_getaffinity(0)))
+    return available_cores()
 
 
 def limit_cpu_threads(requested: int | None, device: torch.device) -> CpuThreads:
-    """Apply ``cpu_threads`` to this thread (the count beside the loop); returns the plan, with
-    torch's own choice (``OMP_NUM_THREADS``, else its default) read now where it leaves one, so
-    that every thread can be given its count: a thread that starts its pools later would take
-    whatever count another thread set last (a build's, say)."""
-    threads = cpu_threads(requested, device, os.environ)
-    if threads.loop is None or threads.beside is None:
-        chosen = torch.get_num_threads()
-        threads = CpuThreads(threads.loop or chosen, threads.beside or chosen)
+    """Apply ``cpu_threads`` to this thread (the count beside the loop) and return it. Torch's own
+    count is read first, before anything sets one: every thread is then given its count, since a
+    thread that starts its pools later would take whatever count another thread set last (a
+    build's, say)."""
+    threads = cpu_threads(requested, device, os.environ, torch.get_num_threads())
     use_cpu_threads(threads.beside)
     return threads
 

@@ -98,10 +98,12 @@ and other models' requests for long."""
 
 GATHERING_DELAY_NS = 2_000_000
 """The shortest queue delay that gathers, after a forward on the loop, the requests that arrived
-during it: the transport takes them in one call per loop turn, about one per 0.2 ms under load
-here. The 10M-parameter MLP of ``bench/peers.py`` at c=16 on 2 cores, batches on the loop against
-a delay of 0 on a worker thread (640-790 infer/s): 250-300 with a 100 us delay, 375-465 with 1 ms,
-550-745 with 2 ms (about even), 940-985 with 5 ms, 1100-1270 with 5 ms and preferred size 16."""
+during it: the transport takes them in one call per loop turn. ``python bench/peers.py --only
+tureen-db tureen-d100 tureen-d1000 tureen-d2000 tureen-d5000 tureen-pb --points big:16:grpc``
+(10M-parameter MLP, c=16, 2 cores) printed 746 infer/s for a delay of 0, 762 and 792 for 100 us
+and 1 ms (worker threads), 784 for 2 ms and 1002 for 5 ms (the loop), 1122 for 5 ms with preferred
+size 16. Before this bound the 100 us and 1 ms servers ran their batches on the loop too, and
+perf_analyzer measured 250-300 and 375-465 infer/s there."""
 
 
 @dataclass
@@ -126,17 +128,18 @@ class Engine:
         threads: CpuThreads | None = None,
     ) -> None:
         """``workers``: threads for forwards too slow to run on the event loop; ``threads``: torch's
-        CPU threads for a forward on the loop and for one beside it (None: torch's own choice)."""
+        CPU threads for a forward on the loop and for one beside it (None: left as they are)."""
         self.repository = repository
         self.statistics = StatisticsBook()
         self.online = online if online is not None else OnlineAccuracy()
         self._observer = observer
         self._lanes: weakref.WeakKeyDictionary[Blend, _Lane] = weakref.WeakKeyDictionary()
-        self._cpu = threads = threads or CpuThreads(None, None)
+        self._loop_threads = threads.loop if threads else None
+        beside = threads.beside if threads else None
         self._threads = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="tureen-forward", initializer=use_cpu_threads, initargs=(threads.beside,)
+            max_workers=workers, thread_name_prefix="tureen-forward", initializer=use_cpu_threads, initargs=(beside,)
         )
-        self.generations = Generations(repository, self.statistics, observer, self.failed, self.online, threads.beside)
+        self.generations = Generations(repository, self.statistics, observer, self.failed, self.online, beside)
 
     async def serve(self, call: Call[T]) -> T:
         """Decode, route, check, queue, compute and encode one request; count it once."""
@@ -217,7 +220,7 @@ class Engine:
         """One batch: on the loop when this blend's forwards are short, else on a worker thread."""
         lane = self._lane(jobs[0].payload.blend)
         if lane.forward_ns is not None and lane.forward_ns < lane.inline_ns:
-            use_cpu_threads(self._cpu.loop)
+            use_cpu_threads(self._loop_threads)
             took = self._execute(jobs)
         else:
             took = await asyncio.get_running_loop().run_in_executor(self._threads, self._execute, jobs)

@@ -1,9 +1,8 @@
 """Registering a servicer with each method's handler wrapped once: access checks, errors to statuses.
 
-grpc.aio runs server interceptors on every call, a chain of coroutines before the handler even
-starts; wrapping each method's handler once, when it is registered, does the same work with
-nothing per call but the wrappers themselves (py-spy on the serving loop under ``perf_analyzer``, the
-10M-parameter MLP of ``bench/peers.py`` at c=16: the interceptors held the GIL in about 5% of its samples).
+grpc.aio runs server interceptors on every call, a chain of coroutines on the serving loop before
+the handler even starts; wrapping each method's handler once, when it is registered, does the
+same work with nothing per call but the wrappers themselves.
 """
 
 from __future__ import annotations
