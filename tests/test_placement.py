@@ -240,3 +240,48 @@ def test_a_build_reports_bytes_and_rates_while_loading_and_merging(tmp_path: Pat
     merging = [(s, f) for s, f in heard if s.startswith("merging: ")]
     assert merging and re.fullmatch(r"merging: [\d,]+/[\d,]+ MB read at [\d,]+ MB/s", merging[-1][0])
     assert 0.6 < merging[-1][1] <= 0.9 and [f for _, f in heard] == sorted(f for _, f in heard)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the copy stream overlaps only there)")
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_on_a_gpu_host_and_disk_pieces_merge_to_the_bits_of_device_ones_within_a_few_pieces(tmp_path: Path, method: str) -> None:
+    # Tensors of 2.5 GPU pieces (2^24 elements each), so that pieces are copied ahead on the
+    # copy stream while earlier ones merge; a NaN in the last piece must still be found.
+    names = ["base", "ft-0", "ft-1", "ft-2"]
+    for i, name in enumerate(names):
+        noise = torch.Generator().manual_seed(i)
+        save_file(
+            {"w": torch.randn(40 << 20, generator=noise), "b": torch.randn(7, generator=noise)},
+            str(tmp_path / f"{name}.safetensors"),
+        )
+    document = {
+        "apiVersion": "tureen/v1",
+        "model": "m",
+        "ingredients": [{"name": n, "path": f"{n}.safetensors"} for n in names],
+        "merge": {"method": "linear"}
+        if method == "linear"
+        else {"method": "ties", "base": "base", "parameters": {"density": 0.3}},
+    }
+    device = torch.device("cuda")
+    blends, peaks = {}, {}
+    for placement in PLACEMENTS:
+        pool = IngredientPool(device, NullObserver())
+        loaded = pool.load_all(parse_spec({**document, "placement": placement}, base_dir=tmp_path))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        blends[placement] = mix(parse_spec({**document, "placement": placement}, base_dir=tmp_path), loaded)
+        torch.cuda.synchronize()
+        peaks[placement] = torch.cuda.max_memory_allocated() - before
+    blend_bytes = sum(t.numel() * t.element_size() for t in blends["device"].values())
+    for placement in ("host", "disk"):
+        for key, tensor in blends["device"].items():
+            assert torch.equal(blends[placement][key], tensor), f"{placement}: {key}"
+        # Two pieces per ingredient and base (5 x 2 x 64 MiB) and the method's temporaries, not the 4 x 160 MiB held.
+        assert peaks[placement] - blend_bytes < (5 * 2 * 64 + 256) << 20, f"{placement}: {peaks[placement] / 2**20:.0f} MiB"
+    broken = load_file(str(tmp_path / "ft-1.safetensors"))
+    broken["w"][-1] = float("nan")
+    save_file(broken, str(tmp_path / "ft-1.safetensors"))
+    spec = parse_spec({**document, "merge": {"method": "linear"}, "placement": "host"}, base_dir=tmp_path)
+    with pytest.raises(IngredientCorrupt, match=r"ingredient 'ft-1' .*tensor 'w' holds 1 NaN"):
+        mix(spec, IngredientPool(device, NullObserver()).load_all(spec))

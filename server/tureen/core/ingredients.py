@@ -14,7 +14,7 @@ ingredients when the spec has no evaluation (see ``CPU_STREAM_FROM``). Loading r
 header and, for resident placements, its data straight into the ingredient's buffer with no
 decode step. The sha256 of the files is computed only when a spec pins one (then cached for
 those files while they are unchanged). NaN and Inf are checked by the merge, on the tensors it
-reads (``tureen.core.recipe``), not in a pass of their own.
+reads (``tureen.core.passes``), not in a pass of their own.
 """
 
 from __future__ import annotations

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
 from tureen.core.datatypes import BLEND_DTYPES
 from tureen.core.ingredients import Ingredient
-from tureen.core.memory import carve, span
+from tureen.core.memory import carve
 from tureen.core.parameters import ParameterPlan
+from tureen.core.passes import MergePass
 from tureen.core.slices import Part, check_parts, parts
-from tureen.errors import IngredientCorrupt, IngredientMismatch, MergeError
+from tureen.core.staging import Staging
+from tureen.errors import IngredientMismatch
 from tureen.merge.kernels import Kernels
-from tureen.merge.registry import Method, TensorJob, lookup
+from tureen.merge.registry import Method, lookup
 from tureen.spec import SoupSpec
 
 _log = logging.getLogger("tureen.recipe")
@@ -139,7 +140,7 @@ def _merge_part(
     layout = part.layout
     plan = ParameterPlan(part.spec, list(layout), part.positions)
     base = part.spec.merge.base
-    pass_ = _Pass(
+    pass_ = MergePass(
         method=method,
         plan=plan,
         names=[i.name for i in plan.mixed],
@@ -148,6 +149,7 @@ def _merge_part(
         merged=merged,
         compiled=compiled,
         local=all(ingredient.local for ingredient in part.ingredients.values()),
+        staging=Staging(part.ingredients[part.source].device),
     )
     for group in _groups(layout, plan, method.elementwise):
         if layout[group[0]].is_floating_point():
@@ -199,152 +201,8 @@ def _blend_buffer(
     return dict(into)
 
 
-WINDOW = 1 << 20
-"""Elements per piece when an elementwise merge streams a tensor from host memory or disk on a
-CPU (4 MiB of float32): the merge then holds one piece per ingredient, never the checkpoints,
-and merges each piece while it is still in cache; much smaller pieces pay their per-piece
-costs (a read, a job) too often. GPU pieces are 16 times larger: a launch per small piece
-would dominate."""
-
-
-@dataclass(frozen=True)
-class _Pass:
-    """One merge pass over a state dict: what every group of floating tensors needs."""
-
-    method: Method
-    plan: ParameterPlan
-    names: list[str]
-    ingredients: Mapping[str, Ingredient]
-    base: Ingredient | None
-    merged: dict[str, torch.Tensor]
-    compiled: bool
-    local: bool
-    """Every ingredient lies on the merge's device: tensors are read in place, runs of them as one."""
-    scratch: dict[str, dict[torch.dtype, torch.Tensor]] = field(default_factory=dict)
-    """Per ingredient: the buffers its disk reads of a piece reuse, piece after piece."""
-
-    def merge(self, group: list[str]) -> None:
-        if not self.local:
-            for key in group:
-                self._stream(key)
-            return
-        glob, per = self.plan.for_tensor(group[0])
-        columns = [[self.ingredients[name].tensors[k] for k in group] for name in self.names]
-        if self.base is not None:
-            columns.append([self.base.tensors[k] for k in group])
-        columns.append([self.merged[k] for k in group])
-        count = len(self.names)
-        for label, keys, row in _rows(group, columns):
-            self._run(label, keys, row[:count], row[count] if self.base is not None else None, row[-1], glob, per)
-
-    def _stream(self, key: str) -> None:
-        """One tensor read piece by piece (elementwise methods, and those whose ``fit`` sweeps the
-        pieces first), else whole, onto the merge's device."""
-        glob, per = self.plan.for_tensor(key)
-        out = self.merged[key]
-        fitted = None
-        if not self.method.elementwise:
-            fitted = self._fit(key, glob, per, out)
-            if fitted is None:
-                tensors = [self.ingredients[name].whole(key) for name in self.names]
-                base = self.base.whole(key) if self.base is not None else None
-                self._run(key, [key], tensors, base, out, glob, per)
-                return
-        flat = out.view(-1)
-        for begin, end in _windows(out):
-            pieces, base = self._pieces(key, begin, end)
-            self._run(key, [key], pieces, base, flat[begin:end], glob, per, offset=begin, fitted=fitted)
-
-    def _fit(self, key: str, glob: dict[str, Any], per: dict[str, list[Any]], out: torch.Tensor) -> Sequence[Any] | None:
-        """The method's fit over the tensor's pieces (thresholds from two sweeps), or None when
-        it has none or needs the whole tensor."""
-        if self.method.fit is None or self.base is None:
-            return None
-
-        def sweep() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-            for begin, end in _windows(out):
-                pieces, base = self._pieces(key, begin, end)
-                assert base is not None  # checked above
-                yield pieces, base
-
-        return self.method.fit(self._job(key, [], None, out, glob, per, sweep=sweep))
-
-    def _job(
-        self,
-        label: str,
-        tensors: list[torch.Tensor],
-        base: torch.Tensor | None,
-        out: torch.Tensor,
-        glob: Any,
-        per: Any,
-        **more: Any,
-    ) -> TensorJob:
-        return TensorJob(label, tensors, self.names, base, glob, per, out=out, compiled=self.compiled, **more)
-
-    def _pieces(self, key: str, begin: int, end: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Elements ``[begin, end)`` of ``key`` in each mixed ingredient, and in the base when there is one."""
-        pieces = [self._window(name, key, begin, end) for name in self.names]
-        base = self._window(str(self.plan.spec.merge.base), key, begin, end) if self.base is not None else None
-        return pieces, base
-
-    def _window(self, name: str, key: str, begin: int, end: int) -> torch.Tensor:
-        return self.ingredients[name].window(key, begin, end, self.scratch.setdefault(name, {}))
-
-    def _run(
-        self,
-        label: str,
-        keys: list[str],
-        tensors: list[torch.Tensor],
-        base: torch.Tensor | None,
-        out: torch.Tensor,
-        glob: dict[str, Any],
-        per: dict[str, list[Any]],
-        offset: int = 0,
-        fitted: Sequence[Any] | None = None,
-    ) -> None:
-        """One job of the method, written into ``out``, which must come out finite."""
-        job = self._job(label, tensors, base, out, glob, per, offset=offset, fitted=fitted)
-        try:
-            result = self.method.combine(job)
-        except ValueError as exc:
-            raise MergeError(f"merge ({self.method.decl.name}): tensor {label!r}: {exc}") from None
-        if result is not out:
-            out.copy_(result)
-        if not _finite(out):
-            self._blame(keys, out.dtype)
-
-    def _blame(self, keys: list[str], dtype: torch.dtype) -> None:
-        """NaN or Inf in the merged values of ``keys``: name the ingredient and tensor that hold
-        them (read whole: this is the error path), else the overflow."""
-        base = self.plan.spec.merge.base
-        for key in keys:
-            for name in [*self.names, *([base] if base is not None else [])]:
-                tensor = self.ingredients[name].tensors[key]
-                if tensor.is_floating_point() and not _finite(tensor):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    where = f"ingredient {name!r} ({self.ingredients[name].path})"
-                    raise IngredientCorrupt(f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s)")
-        raise MergeError(f"merge ({self.method.decl.name}): tensor {keys[0]!r}: the merged values overflow {dtype}")
-
-
-def _windows(out: torch.Tensor) -> Iterator[tuple[int, int]]:
-    """The pieces a streamed merge reads a tensor in: WINDOW elements (16 times more on a GPU)."""
-    window = WINDOW if out.device.type == "cpu" else WINDOW << 4
-    for begin in range(0, out.numel(), window):
-        yield begin, min(begin + window, out.numel())
-
-
 def _bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``: its minimum and maximum are finite (NaN propagates through
-    both). One reduction and no temporary, where ``isfinite().all()`` writes a bool per entry."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementwise: bool) -> list[list[str]]:
@@ -360,18 +218,6 @@ def _groups(reference: Mapping[str, torch.Tensor], plan: ParameterPlan, elementw
             groups.append([key])
         last = values
     return groups
-
-
-def _rows(group: list[str], columns: list[list[torch.Tensor]]) -> list[tuple[str, list[str], list[torch.Tensor]]]:
-    """The jobs of a group, each with the tensor names it covers: one over flat views when every
-    column (ingredients, base, blend) lays the group's tensors out alike in one buffer, else one
-    per tensor."""
-    if len(group) > 1:
-        spans = [span(column) for column in columns]
-        if all(s is not None and s[1] == spans[0][1] for s in spans):  # type: ignore[index]
-            label = f"{group[0]} .. {group[-1]} ({len(group)} tensors)"
-            return [(label, group, [s[0] for s in spans])]  # type: ignore[index]
-    return [(key, [key], [column[i] for column in columns]) for i, key in enumerate(group)]
 
 
 def _use_compiled(kernels: Kernels, spec: SoupSpec, ingredients: Mapping[str, Ingredient]) -> bool:

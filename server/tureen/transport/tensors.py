@@ -1,6 +1,6 @@
 """KServe v2 tensors from and to bytes and values, the same checks for both transports.
 
-Raw tensors are decoded as zero-copy views of the request's bytes (``torch.frombuffer``);
+Raw tensors are decoded as zero-copy views of the request's bytes (``numpy.frombuffer``);
 typed values (gRPC ``contents``, HTTP JSON ``data``) are converted through numpy. Error
 messages name the input, so a client sees which tensor was wrong and why.
 """
@@ -20,7 +20,7 @@ from tureen.errors import InvalidRequest
 
 # Request bytes are immutable and the blend never writes to its inputs, so the read-only
 # view is safe; torch warns about it once per process otherwise.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable", category=UserWarning)
 
 NUMPY_DTYPES: dict[str, type] = {
     "BOOL": np.bool_,
@@ -57,7 +57,12 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
         raise InvalidRequest(f"input {name!r}: raw data is {len(raw)} bytes, shape {list(dims)} of {datatype} needs {expected}")
     if count == 0:
         return torch.empty(dims, dtype=dtype)
-    return torch.frombuffer(raw, dtype=dtype).reshape(dims)
+    np_dtype = NUMPY_DTYPES.get(datatype)
+    if np_dtype is None:  # BF16
+        return torch.frombuffer(raw, dtype=dtype).reshape(dims)
+    # Through numpy, the view costs no torch op: each op releases the GIL, and on the serving
+    # loop every release lets a forward's thread in between two of the loop's requests.
+    return torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(dims))
 
 
 def from_values(name: str, datatype: str, shape: Sequence[int], values: Any, field: str) -> torch.Tensor:
@@ -77,4 +82,6 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values: Any, fie
 
 def to_raw(tensor: torch.Tensor) -> bytes:
     """An output's bytes, row-major and little-endian, as both transports send them."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()  # numpy writes row-major whatever the strides
