@@ -5,10 +5,12 @@
 Builds --ingredients fine-tunes of a Llama of about --params billion parameters (Llama-3-8B's
 widths, layers to fit; bf16) straight in pinned host memory, as ``host`` placement keeps
 ingredients on a GPU server (no files: four 8B fine-tunes and their base would not fit the GPU
-machines' 64 GiB disks), plus the base for task-vector methods. Then, alternating:
+machines' 64 GiB disks), plus the base when a method reads it (four 8B fine-tunes and a base
+pin about 80 GiB of host memory: the machine needs more than that). Then, alternating:
 
-- "copy": every ingredient tensor copied to the device in the merge's pieces on one stream: what
-  moving the bytes costs, the floor of any merge that reads them;
+- "copy": every ingredient tensor copied to the device in the merge's pieces on one stream, as
+  many times as the merge reads it (three for TIES and breadcrumbs, whose exact thresholds take
+  two sweeps first): what moving the bytes costs, the floor of any merge that reads them;
 - "merge": ``mix`` of the soup into a bf16 blend on the device, the next piece's copies on a
   stream of their own (``tureen.core.staging``) while this piece merges.
 
@@ -32,6 +34,9 @@ from tureen.core.recipe import mix
 from tureen.spec import parse_spec
 
 GiB = 1 << 30
+SWEEPS = {"ties": 2, "breadcrumbs": 2, "breadcrumbs_ties": 2}
+"""Methods whose exact thresholds take two sweeps over the pieces before the merge's own: they
+read every byte three times, and their copy baseline copies it three times too."""
 
 
 def shapes(params_b: float) -> dict[str, tuple[int, ...]]:
@@ -57,15 +62,16 @@ def shapes(params_b: float) -> dict[str, tuple[int, ...]]:
 
 
 def ingredients(layout: dict[str, tuple[int, ...]], names: list[str], device: torch.device) -> dict[str, Ingredient]:
-    """The base, then fine-tunes of it (the base plus noise), each in pinned host memory when
-    the device is a GPU; the numbers are made on the device, where they come fastest."""
+    """``names``: fine-tunes (the base plus noise), and the base itself when it is among them;
+    each in pinned host memory when the device is a GPU. The numbers are made on the device,
+    where they come fastest."""
     pinned = device.type == "cuda"
     made: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
     generator = torch.Generator(device).manual_seed(0)
     for key, shape in layout.items():
         base = 0.02 * torch.randn(shape, generator=generator, device=device)
-        for i, name in enumerate(names):
-            tensor = base if i == 0 else base + 0.002 * torch.randn(shape, generator=generator, device=device)
+        for name in names:
+            tensor = base if name == "base" else base + 0.002 * torch.randn(shape, generator=generator, device=device)
             host = torch.empty(shape, dtype=torch.bfloat16, pin_memory=pinned)
             host.copy_(tensor.to(torch.bfloat16))
             made[name][key] = host
@@ -74,13 +80,14 @@ def ingredients(layout: dict[str, tuple[int, ...]], names: list[str], device: to
     return {name: Ingredient(f"<{name} in memory>", "host", device, meta, made[name], nbytes) for name in names}
 
 
-def copy_seconds(held: list[Ingredient], device: torch.device) -> float:
-    """Every tensor of ``held`` to the device in the merge's pieces, one stream, then synchronized."""
+def copy_seconds(held: list[Ingredient], device: torch.device, passes: int) -> float:
+    """Every tensor of ``held`` to the device ``passes`` times in the merge's pieces, one stream,
+    then synchronized."""
     piece = WINDOW << 4 if device.type == "cuda" else WINDOW
     landing = torch.empty(piece, dtype=torch.bfloat16, device=device)
     _synchronize(device)
     started = time.perf_counter()
-    for ingredient in held:
+    for ingredient in held * passes:
         for tensor in ingredient.tensors.values():
             flat = tensor.reshape(-1)
             for begin in range(0, flat.numel(), piece):
@@ -128,7 +135,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names = ["base"] + [f"ft-{i}" for i in range(args.ingredients)]
+    names = [f"ft-{i}" for i in range(args.ingredients)]
+    names += ["base"] if any(m != "linear" for m in args.methods) else []  # pinned only when a method reads it
     layout = shapes(args.params)
     started = time.perf_counter()
     held = ingredients(layout, names, device)
@@ -139,15 +147,16 @@ def main() -> None:
     took = time.perf_counter() - started
     print(f"{len(names)} models of {model_bytes / GiB:.1f} GiB ({parameters:.2f}B bf16 parameters), {memory}, {took:.0f} s")
     print(f"device: {where}", flush=True)
-    print("| method | ingredients read GiB | copy s | copy GB/s | merge s | merge GB/s | merge / copy throughput |")
+    print("| method | bytes read GiB | copy s | copy GB/s | merge s | merge GB/s | merge / copy throughput |")
     print("|---|---|---|---|---|---|---|")
     for method in args.methods:
         document = soup(names, method)
-        used = [held[i["name"]] for i in document["ingredients"]] + ([held["base"]] if method != "linear" else [])
-        nbytes = sum(i.nbytes for i in used)
+        used = [held[i["name"]] for i in document["ingredients"]]  # the base is one of them where it is read
+        passes = 1 + SWEEPS.get(method, 0)
+        nbytes = sum(i.nbytes for i in used) * passes
         copies, merges = [], []
         for _ in range(args.reps):
-            copies.append(copy_seconds(used, device))
+            copies.append(copy_seconds(used, device, passes))
             merges.append(merge_seconds(document, held, device))
         copy, merge = statistics.median(copies), statistics.median(merges)
         print(

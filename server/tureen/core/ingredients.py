@@ -116,7 +116,7 @@ class Ingredient:
                 scratch[dtype] = buffer
         piece = buffer[: end - begin]
         self.shards[key].read_into(self.sources.get(key, key), piece, begin)
-        return piece.to(self.device)
+        return piece.to(self.device)  # blocking: the next read overwrites ``scratch`` once the copy is done
 
     def renamed(self, names: Mapping[str, str]) -> Ingredient:
         """A view of the tensors ``names`` maps to (new name -> name here), by their new names:

@@ -4,12 +4,14 @@ On a GPU, a piece of a ``host`` ingredient is a copy from pinned host memory: is
 merge's own stream, it would wait for the previous piece's math and the math for it, so the
 copy engine and the compute units would take turns. ``Staging`` issues piece k+1's copies on a
 stream of their own once piece k's math is queued, and makes the merge's stream wait only for
-the copies it reads. At most two pieces per ingredient are on the device at once: before
-issuing piece k+1 the host waits until piece k-1 has merged, so memory stays within a few
-pieces per ingredient however fast the host issues work. ``disk`` pieces pass through host
+the copies it reads. At most two pieces per ingredient are allocated on the device at once
+(three may stay reserved by the allocator while a slow copy runs): before issuing piece k+1
+the host waits until piece k-1 has merged, so memory stays within a few pieces per ingredient
+however fast the host issues work. ``disk`` pieces pass through host
 memory that is not pinned, so their copies hold the host until staged; issued after piece k's
 math is queued, their file reads overlap it. The caller must not wait for the device between
-pieces (a NaN check that reads a result back, say), or nothing overlaps.
+pieces (a NaN check that reads a result back, a ``torch.tensor(..., device=)``, a
+``bincount``), or nothing overlaps: ``tureen.merge`` avoids those on a GPU.
 
 On a CPU there is nothing to overlap: pieces are read as the merge asks for them.
 """
@@ -28,6 +30,8 @@ class Staging:
     """Reads a tensor's pieces for a merge on ``device``, ahead of the merge on a GPU."""
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:  # the streams of one device, the one in use now
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -47,7 +51,7 @@ class Staging:
                 yield begin, end, read(begin, end)
             return
         merging = torch.cuda.current_stream(self.device)
-        # What the merge's stream wrote so far (adapter factors, say) is there before any copy reads it.
+        # Device tensors the merge's stream wrote so far (held ingredients) are there before the copy stream reads them.
         self._stream.wait_stream(merging)
         pending = iter(spans)
         issued = self._issue(next(pending, None), read)

@@ -143,6 +143,15 @@ _compiled: dict[tuple[Any, ...], Callable[..., None] | None] = {}
 _runs: dict[str, int] = {}  # successful compiled calls by kernel name
 
 
+def on_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A few numbers (weights, seeds) on ``device``. On a GPU they are copied from pinned memory
+    without waiting: a plain ``torch.tensor(..., device=)`` synchronizes the stream, and a merge
+    that did so per piece would keep its next piece's copies from overlapping this one's math."""
+    if device.type != "cuda":
+        return torch.tensor(list(values), dtype=dtype, device=device)
+    return torch.tensor(list(values), dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def run_compiled(kernel: Callable[..., None], signature: tuple[Any, ...], *args: Any, **static: Any) -> bool:
     """Run ``kernel`` compiled for ``signature``; False (nothing written) when it cannot compile.
 

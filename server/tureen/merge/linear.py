@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tureen.merge.kernels import MIN_ELEMENTS, linear_kernel, run_compiled, signature
+from tureen.merge.kernels import MIN_ELEMENTS, linear_kernel, on_device, run_compiled, signature
 
 CHUNK = 1 << 18
 """Elements per eager step on a CPU: the float32 accumulator of one chunk (1 MiB) stays in cache
@@ -49,7 +49,7 @@ def linear(
         out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
     flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
     if compiled and flat_out.numel() >= MIN_ELEMENTS:
-        factors = torch.tensor(scaled, dtype=torch.float32, device=first.device)
+        factors = on_device(scaled, torch.float32, first.device)
         if run_compiled(linear_kernel, signature(flats, out.dtype), flat_out, factors, *flats):
             return out
     _linear_eager(flat_out, flats, scaled, chunk or (CHUNK if first.device.type == "cpu" else CHUNK << 6))

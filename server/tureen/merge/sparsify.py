@@ -115,11 +115,13 @@ def kth_magnitudes(sweep: Sweep, wanted: Sequence[Sequence[int]], count: int) ->
     """
     wanted = [[min(k, count) for k in ks] for ks in wanted]
     ranked = [i for i, ks in enumerate(wanted) if any(k > 0 for k in ks)]
+    if not ranked:  # nothing to rank (every density keeps all): no sweep reads the pieces
+        return [[float("-inf")] * len(ks) for ks in wanted]
     high: dict[int, torch.Tensor] = {}
     for pieces, base in sweep():
         for i in ranked:
             for bits in _bits(pieces[i], base):
-                counts = torch.bincount(bits >> 16, minlength=1 << 15)
+                counts = _count(bits >> 16, 1 << 15)
                 high[i] = counts if i not in high else high[i].add_(counts)
     buckets: dict[tuple[int, int], tuple[int, int]] = {}  # (ingredient, k) -> (bucket, entries below it)
     for i in ranked:
@@ -132,9 +134,27 @@ def kth_magnitudes(sweep: Sweep, wanted: Sequence[Sequence[int]], count: int) ->
         for i in ranked:
             for bits in _bits(pieces[i], base):
                 for k in {k for k in wanted[i] if k > 0}:
-                    counts = torch.bincount(bits[(bits >> 16) == buckets[i, k][0]] & 0xFFFF, minlength=1 << 16)
+                    counts = _count_low(bits, buckets[i, k][0])
                     low[i, k] = counts if (i, k) not in low else low[i, k].add_(counts)
     return [[_value(low, buckets, i, k) for k in ks] for i, ks in enumerate(wanted)]
+
+
+def _count(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """How many of ``values`` (each in ``[0, bins)``) fall in each bin, as int64. On a GPU
+    without ``bincount``, which reads the largest value back and so waits for the device on
+    every call: a streamed merge would stop copying its next piece while this one is counted."""
+    if values.device.type == "cpu":
+        return torch.bincount(values, minlength=bins)
+    ones = torch.ones(values.shape, dtype=torch.int64, device=values.device)
+    return torch.zeros(bins, dtype=torch.int64, device=values.device).index_add_(0, values.long(), ones)
+
+
+def _count_low(bits: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Counts of the low 16 bits of the entries whose top bits are ``bucket``. On a GPU the
+    others go to one extra bin instead of being selected out, which would read back their count."""
+    if bits.device.type == "cpu":
+        return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    return _count(torch.where((bits >> 16) == bucket, bits & 0xFFFF, 1 << 16), (1 << 16) + 1)[: 1 << 16]
 
 
 def _bits(piece: torch.Tensor, base: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from tureen.merge.kernels import MIN_ELEMENTS, run_compiled, signature, task_vector_kernel
+from tureen.merge.kernels import MIN_ELEMENTS, on_device, run_compiled, signature, task_vector_kernel
 
 CHUNK = 1 << 18
 """Elements per eager step: the N task-vector rows of one chunk (1 MiB each in float32) stay in
@@ -77,7 +77,9 @@ def task_vector_merge(
     if fused and _merge_fused(out, base, flats, weights, lam, normalize, consensus, sparsifiers):
         return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
-    w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).view(-1, 1)
+    # The normalizing sum is taken on the host: reading it back from a GPU would wait per chunk.
+    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    w = on_device(weights, torch.float32, base.device).view(-1, 1)
     for start in range(0, flat_out.numel(), chunk):
         stop = min(start + chunk, flat_out.numel())
         b = flat_base[start:stop].to(torch.float32, copy=True)  # a copy: b becomes the output chunk
@@ -85,7 +87,7 @@ def task_vector_merge(
         for i, sparsify in enumerate(sparsifiers or ()):
             if sparsify is not None:
                 sparsify.apply(deltas[i], offset + start)
-        flat_out[start:stop] = b.add_(_combine(deltas.mul_(w), w, consensus, normalize), alpha=lam)
+        flat_out[start:stop] = b.add_(_combine(deltas.mul_(w), w, consensus, normalize, total), alpha=lam)
     return out
 
 
@@ -105,18 +107,20 @@ def _merge_fused(
         return False
     kind, low, high, seeds = fused
     device = base.device
-    numbers = [torch.tensor(v, dtype=torch.float32, device=device) for v in (weights, lam, low, high)]
-    signed = torch.tensor(seeds, dtype=torch.int64, device=device)
+    numbers = [on_device(v, torch.float32, device) for v in (weights, low, high)]
+    numbers.insert(1, on_device([lam], torch.float32, device).view(()))
+    signed = on_device(seeds, torch.int64, device)
     static = {"sparsify": kind, "consensus": consensus, "normalize": normalize, "rescale": _rescale(sparsifiers)}
     key = signature(flats, base.dtype, out.dtype)
     return run_compiled(task_vector_kernel, key, out.view(-1), base.reshape(-1), *numbers, signed, *flats, **static)
 
 
-def _combine(weighted: torch.Tensor, w: torch.Tensor, consensus: Consensus, normalize: bool) -> torch.Tensor:
-    """One chunk's merged task vector from its weighted task vectors (one row per ingredient)."""
+def _combine(weighted: torch.Tensor, w: torch.Tensor, consensus: Consensus, normalize: bool, total: float) -> torch.Tensor:
+    """One chunk's merged task vector from its weighted task vectors (one row per ingredient);
+    ``total``: the weights' float32 sum."""
     if consensus is None:
         merged = weighted.sum(0)
-        return merged.div_(float(w.sum())) if normalize else merged
+        return merged.div_(total) if normalize else merged
     # The elected sign is +1 where the vote ties at 0; zero entries never agree with it.
     vote = weighted.sum(0) if consensus == "total" else weighted.sign().sum(0)
     elected = torch.where(vote >= 0, 1.0, -1.0)
