@@ -20,7 +20,7 @@ from tureen.core.kitchen import Kitchen
 from tureen.core.observer import NullObserver
 from tureen.core.recipe import mix
 from tureen.errors import IngredientChanged, IngredientCorrupt
-from tureen.spec import load_spec, parse_spec
+from tureen.spec import SoupSpec, load_spec, parse_spec
 
 transformers = pytest.importorskip("transformers", reason="the tureen[hf] extra is not installed")
 
@@ -279,9 +279,31 @@ def test_on_a_gpu_host_and_disk_pieces_merge_to_the_bits_of_device_ones_within_a
             assert torch.equal(blends[placement][key], tensor), f"{placement}: {key}"
         # Two pieces per tensor read (5 x 2 x 64 MiB) and the method's chunks, not 4 x 384 MiB.
         assert peaks[placement] - blend_bytes < (5 * 2 * 64 + 128) << 20, f"{placement}: {peaks[placement] / 2**20:.0f} MiB"
+    if method == "linear":
+        assert copies_overlap_math(parse_spec({**document, "placement": "host"}, base_dir=tmp_path), device, tmp_path)
     broken = load_file(str(tmp_path / "ft-1.safetensors"))
     broken["w"][-1] = float("nan")
     save_file(broken, str(tmp_path / "ft-1.safetensors"))
     spec = parse_spec({**document, "merge": {"method": "linear"}, "placement": "host"}, base_dir=tmp_path)
     with pytest.raises(IngredientCorrupt, match=r"ingredient 'ft-1' .*tensor 'w' holds 1 NaN"):
         mix(spec, IngredientPool(device, NullObserver()).load_all(spec))
+
+
+def copies_overlap_math(spec: SoupSpec, device: torch.device, folder: Path) -> bool:
+    """Whether a merge of ``spec``'s ingredients (host placement) copies on a stream of its own,
+    with a copy running while a kernel of the merge does, in the profiler's trace."""
+    loaded = IngredientPool(device, NullObserver()).load_all(spec)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        mix(spec, loaded)
+        torch.cuda.synchronize()
+    trace = folder / "trace.json"
+    profiler.export_chrome_trace(str(trace))
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    assert copies and kernels, f"no host-to-device copies ({len(copies)}) or kernels ({len(kernels)}) in the trace"
+    merging = {k["args"]["stream"] for k in kernels}
+    apart = [c for c in copies if c["args"]["stream"] not in merging]  # a few numbers may go on the merge's own
+    assert apart, "every copy ran on a stream of the merge's kernels"
+    return any(c["ts"] < k["ts"] + k["dur"] and k["ts"] < c["ts"] + c["dur"] for c in apart for k in kernels)
