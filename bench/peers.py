@@ -16,7 +16,10 @@ the same merged weights everywhere) from:
 - ``mlserver`` and ``mlserver-ab``: Seldon MLServer without and with adaptive batching (64 rows,
   0.5 ms), when ``PEERS/mls`` is a venv with ``mlserver`` (pin ``uvloop==0.21.0`` there: its
   workers crash-loop on uvloop 0.23);
-- ``floor``: a bare Python gRPC server running the bare forward (what nothing unbatched beats).
+- ``floor``: a bare Python gRPC server running the bare forward (what nothing unbatched beats);
+- ``floor-db``: the same with the least a delay-0 batcher needs, on grpc.aio as Tureen is (what no
+  batched Python server beats), and ``floor-db-threads``: on grpcio's thread-pool server instead,
+  only when ``--only`` names it.
 
 Each point (model, concurrency, protocol) runs perf_analyzer against every server in turn,
 rotating the order each repetition, with fixed windows (this machine kind is noisy: compare only
@@ -157,6 +160,9 @@ def servers(work: Path, peers: Path) -> dict[str, tuple[list[str], dict[str, str
         18201,
         None,
     )
+    for name, server, port in (("floor-db", "aio", 18211), ("floor-db-threads", "threads", 18221)):
+        command = [sys.executable, str(HERE / "peers" / "serve_floor_batched.py"), "--weights", str(work)]
+        found[name] = ([*command, "--port", str(port), "--server", server], environment(), port, None)
     libpython = sysconfig.get_config_var("LIBDIR") or ""  # the tritonserver stub links the interpreter's libpython
     if (peers / "pyt" / "bin" / "python").exists():
         tuned = [
@@ -273,6 +279,8 @@ def table(
         ("big c=16: tureen-pb / triton-pb infer/s", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-pb"), 0),
         ("big c=16: tureen-pb / triton-pb p50", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-pb"), 1),
         ("big c=16: tureen-pb / triton-db infer/s", ("big", 16, "grpc", "tureen-pb"), ("big", 16, "grpc", "triton-db"), 0),
+        ("big c=16: tureen-db / floor-db infer/s", ("big", 16, "grpc", "tureen-db"), ("big", 16, "grpc", "floor-db"), 0),
+        ("big c=16: floor-db / triton-db infer/s", ("big", 16, "grpc", "floor-db"), ("big", 16, "grpc", "triton-db"), 0),
         (
             "digits c=1: tureen-db / tureen p50 (target <= 1.05)",
             ("digits", 1, "grpc", "tureen-db"),
@@ -317,7 +325,7 @@ def main() -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tureen-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
-    swept = {f"tureen-d{delay}" for delay in SWEEP}
+    swept = {f"tureen-d{delay}" for delay in SWEEP} | {"floor-db-threads"}
     found = {n: s for n, s in servers(work, args.peers).items() if (n in args.only if args.only else n not in swept)}
     processes = {name: start(name, command, env, work) for name, (command, env, _, _) in found.items()}
     try:
