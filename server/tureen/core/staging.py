@@ -44,8 +44,9 @@ class Staging:
         self, spans: Iterable[tuple[int, int]], read: Callable[[int, int], P], tensors: Callable[[P], Iterable[torch.Tensor]]
     ) -> Iterator[tuple[int, int, P]]:
         """``(begin, end, read(begin, end))`` for each span, in order; on a GPU the next span's
-        read is issued before this one is yielded. ``tensors`` lists the device tensors a read
-        made, which the merge's stream may only use once their copies are done."""
+        read is issued as soon as the caller has queued this one's math (when it asks for the
+        next). ``tensors`` lists the device tensors a read made, which the merge's stream may
+        only use once their copies are done."""
         if self._stream is None:
             for begin, end in spans:
                 yield begin, end, read(begin, end)

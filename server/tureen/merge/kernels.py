@@ -143,13 +143,14 @@ _compiled: dict[tuple[Any, ...], Callable[..., None] | None] = {}
 _runs: dict[str, int] = {}  # successful compiled calls by kernel name
 
 
-def on_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A few numbers (weights, seeds) on ``device``. On a GPU they are copied from pinned memory
-    without waiting: a plain ``torch.tensor(..., device=)`` synchronizes the stream, and a merge
-    that did so per piece would keep its next piece's copies from overlapping this one's math."""
+def on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (weights, seeds) on ``device``. On a GPU it is copied from pinned
+    memory without waiting: a plain copy, or ``torch.tensor(..., device=)``, synchronizes the
+    stream, and a merge that did so per piece would keep its next piece's copies from
+    overlapping this one's math."""
     if device.type != "cuda":
-        return torch.tensor(list(values), dtype=dtype, device=device)
-    return torch.tensor(list(values), dtype=dtype).pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def run_compiled(kernel: Callable[..., None], signature: tuple[Any, ...], *args: Any, **static: Any) -> bool:

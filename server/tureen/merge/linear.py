@@ -49,7 +49,7 @@ def linear(
         out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
     flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
     if compiled and flat_out.numel() >= MIN_ELEMENTS:
-        factors = on_device(scaled, torch.float32, first.device)
+        factors = on_device(torch.tensor(scaled, dtype=torch.float32), first.device)
         if run_compiled(linear_kernel, signature(flats, out.dtype), flat_out, factors, *flats):
             return out
     _linear_eager(flat_out, flats, scaled, chunk or (CHUNK if first.device.type == "cpu" else CHUNK << 6))

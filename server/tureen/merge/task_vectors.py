@@ -77,9 +77,9 @@ def task_vector_merge(
     if fused and _merge_fused(out, base, flats, weights, lam, normalize, consensus, sparsifiers):
         return out
     flat_out, flat_base = out.view(-1), base.reshape(-1)
-    # The normalizing sum is taken on the host: reading it back from a GPU would wait per chunk.
-    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
-    w = on_device(weights, torch.float32, base.device).view(-1, 1)
+    host = torch.tensor(list(weights), dtype=torch.float32)
+    total = float(host.sum())  # on the host: reading it back from a GPU would wait per chunk
+    w = on_device(host, base.device).view(-1, 1)
     for start in range(0, flat_out.numel(), chunk):
         stop = min(start + chunk, flat_out.numel())
         b = flat_base[start:stop].to(torch.float32, copy=True)  # a copy: b becomes the output chunk
@@ -107,9 +107,8 @@ def _merge_fused(
         return False
     kind, low, high, seeds = fused
     device = base.device
-    numbers = [on_device(v, torch.float32, device) for v in (weights, low, high)]
-    numbers.insert(1, on_device([lam], torch.float32, device).view(()))
-    signed = on_device(seeds, torch.int64, device)
+    numbers = [on_device(torch.tensor(v, dtype=torch.float32), device) for v in (weights, lam, low, high)]
+    signed = on_device(torch.tensor(seeds, dtype=torch.int64), device)
     static = {"sparsify": kind, "consensus": consensus, "normalize": normalize, "rescale": _rescale(sparsifiers)}
     key = signature(flats, base.dtype, out.dtype)
     return run_compiled(task_vector_kernel, key, out.view(-1), base.reshape(-1), *numbers, signed, *flats, **static)
